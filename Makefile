@@ -1,0 +1,47 @@
+# ISDR developer entry points. `make demo` and `make test` are the two commands of the README.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+K8S_ASSETS_SCRIPT := hack/k8s/ensure-binaries.sh
+
+.PHONY: setup system-deps python-deps k8s-binaries demo test test-fast bench clean
+
+## setup: install everything the relay and its tests need (dcmtk, the Python environment, Kubernetes binaries)
+setup: system-deps python-deps k8s-binaries
+
+## system-deps: Debian packages the tests use as real peers (dcmtk's storescu/storescp/echoscu)
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+## python-deps: a virtual environment in .venv with the relay and its test dependencies
+python-deps: $(BIN)/isdr
+
+$(BIN)/isdr: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+## k8s-binaries: etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built from Go modules (cached)
+k8s-binaries:
+	@if [ -x $(K8S_ASSETS_SCRIPT) ]; then bash $(K8S_ASSETS_SCRIPT); fi
+
+## demo: the relay on its embedded defaults with the example InferenceServer and a destination, end to end
+demo: system-deps python-deps
+	@PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+## test: the whole test suite (unit, integration with real DICOM/HTTP/S3 peers, Kubernetes)
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+## test-fast: unit tests only
+test-fast: python-deps
+	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+## bench: receive throughput of `isdr run` next to dcmtk's storescp
+bench: system-deps python-deps
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/bench_receive.py
+
+clean:
+	rm -rf $(VENV) demo-data benchmark-data .pytest_cache

@@ -1,0 +1,171 @@
+"""Settings from environment variables, with the original relay's names and defaults.
+
+The original relay (a Docker image) was configured only through environment variables; an
+existing installation can keep its `.env` file. Where ISDR's default differs from the original
+image's, the reason is given next to the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def _parse_number(name: str, raw: str, kind, minimum=None):
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.replace(";", ",").split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- receiver (C-STORE SCP) ---
+    scp_hostname: str = "0.0.0.0"  # original image: localhost (inside a container); we listen on all
+    scp_port: int = 11112  # original image: 104, which needs root outside a container
+    scp_ae_title: str = "ISDR"  # original image: DICOM_NODE
+    pynetdicom_log_level: str = "none"  # none | normal | debug, as in the original
+    log_level: str = "INFO"
+    # Calling AE titles (and host addresses) allowed to associate; empty means anyone.
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    allowed_peer_addresses: tuple[str, ...] = ()
+    max_pdu_size: int = 0  # 0: unlimited, as large as the peer sends (fewer PDUs, faster)
+
+    # --- storage ---
+    incoming_dir: Path = Path("./isdr-data")  # original image: /opt/app/data/INCOMING
+    storage: str = "local"  # local | s3
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str | None = None
+    # Refuse instances (C-STORE status A700 "out of resources") when less is free on a local disk.
+    min_free_bytes: int = 256 * 1024 * 1024
+
+    # --- fingerprints ---
+    fingerprint_dir: Path = Path("./fingerprints")
+
+    # --- series life cycle (original names and defaults) ---
+    post_interval: float = 1.0  # how often the scheduler looks at series, seconds
+    post_after: float = 10.0  # a series is complete after this long without a new instance
+    delete_on_post: bool = True  # delete a series' instances once its tasks are done
+    late_instance_policy: str = "ignore"  # ignore | rerun: instances after a dispatch
+
+    # --- InferenceServer (original names and defaults) ---
+    cert_file: str | None = None  # CA bundle (PEM); None: the system's trust store
+    post_timeout: float = 60.0
+    get_interval: float = 15.0
+    get_timeout: float = 86400.0
+    ask_inference_server_to_delete_task: bool = True
+    not_found_grace: float = 60.0  # v1: 554 this soon after submit means "not stored yet"
+    max_output_bytes: int = 2 * 1024**3  # an output archive may expand to at most this
+
+    # --- delivery ---
+    delivery_timeout: float = 3600.0  # keep retrying a destination for this long
+    delivery_ae_title: str | None = None  # calling AE title towards destinations; default SCP_AE_TITLE
+
+    # --- all-in-one runner ---
+    workers: int = 4
+
+    extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.delivery_ae_title or self.scp_ae_title
+
+
+# Environment variable -> (field, parser). Parsers take (name, raw).
+_ENV = {
+    "SCP_HOSTNAME": ("scp_hostname", lambda n, v: v.strip()),
+    "SCP_PORT": ("scp_port", lambda n, v: _parse_number(n, v, int, 1)),
+    "SCP_AE_TITLE": ("scp_ae_title", lambda n, v: v.strip()),
+    "PYNETDICOM_LOG_LEVEL": ("pynetdicom_log_level", lambda n, v: v.strip().lower()),
+    "LOG_LEVEL": ("log_level", lambda n, v: v.strip().upper()),
+    "SCP_ALLOWED_AE_TITLES": ("allowed_calling_ae_titles", lambda n, v: _parse_list(v)),
+    "SCP_ALLOWED_ADDRESSES": ("allowed_peer_addresses", lambda n, v: _parse_list(v)),
+    "SCP_MAX_PDU": ("max_pdu_size", lambda n, v: _parse_number(n, v, int, 0)),
+    "INCOMING_DIR": ("incoming_dir", lambda n, v: Path(v)),
+    "STORAGE": ("storage", lambda n, v: v.strip().lower()),
+    "S3_ENDPOINT_URL": ("s3_endpoint_url", lambda n, v: v.strip() or None),
+    "S3_BUCKET": ("s3_bucket", lambda n, v: v.strip() or None),
+    "S3_PREFIX": ("s3_prefix", lambda n, v: v.strip().strip("/")),
+    "S3_REGION": ("s3_region", lambda n, v: v.strip() or None),
+    "MIN_FREE_BYTES": ("min_free_bytes", lambda n, v: _parse_number(n, v, int, 0)),
+    "FINGERPRINT_DIR": ("fingerprint_dir", lambda n, v: Path(v)),
+    "POST_INTERVAL": ("post_interval", lambda n, v: _parse_number(n, v, float, 0.05)),
+    "POST_AFTER": ("post_after", lambda n, v: _parse_number(n, v, float, 0)),
+    "DELETE_ON_POST": ("delete_on_post", _parse_bool),
+    "LATE_INSTANCE_POLICY": ("late_instance_policy", lambda n, v: v.strip().lower()),
+    "CERT_FILE": ("cert_file", lambda n, v: v.strip() or None),
+    "POST_TIMEOUT": ("post_timeout", lambda n, v: _parse_number(n, v, float, 1)),
+    "GET_INTERVAL": ("get_interval", lambda n, v: _parse_number(n, v, float, 0.05)),
+    "GET_TIMEOUT": ("get_timeout", lambda n, v: _parse_number(n, v, float, 1)),
+    "ASK_INFERENCE_SERVER_TO_DELETE_TASK": ("ask_inference_server_to_delete_task", _parse_bool),
+    "NOT_FOUND_GRACE": ("not_found_grace", lambda n, v: _parse_number(n, v, float, 0)),
+    "MAX_OUTPUT_BYTES": ("max_output_bytes", lambda n, v: _parse_number(n, v, int, 1)),
+    "DELIVERY_TIMEOUT": ("delivery_timeout", lambda n, v: _parse_number(n, v, float, 1)),
+    "DELIVERY_AE_TITLE": ("delivery_ae_title", lambda n, v: v.strip() or None),
+    "WORKERS": ("workers", lambda n, v: _parse_number(n, v, int, 1)),
+}
+
+ENV_VARIABLES = tuple(_ENV)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+    """Read settings from `environ` (default: os.environ); `overrides` win (command-line flags)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for name, (attribute, parse) in _ENV.items():
+        if name in environ:
+            values[attribute] = parse(name, environ[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(Settings)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings: {sorted(unknown)}")
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if not 1 <= settings.scp_port <= 65535:
+        raise ConfigError(f"SCP_PORT={settings.scp_port}: must be 1-65535")
+    if not 1 <= len(settings.scp_ae_title) <= 16 or "\\" in settings.scp_ae_title:
+        raise ConfigError(f"SCP_AE_TITLE={settings.scp_ae_title!r}: must be 1-16 characters, no backslash")
+    if settings.storage not in ("local", "s3"):
+        raise ConfigError(f"STORAGE={settings.storage!r}: expected local or s3")
+    if settings.storage == "s3" and not settings.s3_bucket:
+        raise ConfigError("STORAGE=s3 needs S3_BUCKET")
+    if settings.late_instance_policy not in ("ignore", "rerun"):
+        raise ConfigError(f"LATE_INSTANCE_POLICY={settings.late_instance_policy!r}: expected ignore or rerun")
+    if settings.pynetdicom_log_level not in ("none", "normal", "debug"):
+        raise ConfigError(
+            f"PYNETDICOM_LOG_LEVEL={settings.pynetdicom_log_level!r}: expected none, normal or debug"
+        )
+    if settings.cert_file is not None and not Path(settings.cert_file).is_file():
+        raise ConfigError(f"CERT_FILE={settings.cert_file!r}: no such file")

@@ -1,0 +1,99 @@
+"""What the relay needs to know about a received instance, read from its encoded bytes.
+
+The dataset is parsed element by element (no pixel decoding, no re-encoding) so that a truncated
+or malformed dataset is noticed before it is acknowledged. Free-text attributes are read
+defensively: they come from the network and only ever feed matching, never a path.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+
+from relay.fingerprints.model import SeriesAttributes
+from relay.uids import SeriesKey, require_uid
+
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+_FREE_TEXT_LIMIT = 256  # LO is 64 characters; anything much longer is garbage, not a description
+
+
+class UndecodableDataset(ValueError):
+    """The bytes are not a dataset in the negotiated transfer syntax."""
+
+
+@dataclass(frozen=True)
+class InstanceIdentity:
+    series: SeriesKey
+    sop_instance_uid: str
+    study_uid: str | None
+    attributes: SeriesAttributes
+
+
+def parse_dataset(raw: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """Decode the element structure of a dataset encoded in `transfer_syntax` (no pixel decoding)."""
+    ts = UID(transfer_syntax)
+    data = bytes(raw)
+    if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        try:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise UndecodableDataset(f"deflated dataset does not inflate: {exc}") from None
+    try:
+        implicit = ts.is_implicit_VR
+        little = ts.is_little_endian
+    except (AttributeError, ValueError):
+        # A private/unknown transfer syntax: the dataset itself is explicit VR little endian
+        # for every encapsulated syntax in the standard.
+        implicit, little = False, True
+    try:
+        dataset = read_dataset(io.BytesIO(data), implicit, little)
+        # Touch every element so that a value cut short is found now, not after "success".
+        for element in dataset.iterall():
+            element.value  # noqa: B018 - decoding is the check
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise UndecodableDataset(f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from None
+    if len(dataset) == 0:
+        raise UndecodableDataset("dataset is empty")
+    return dataset
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    try:
+        value = dataset.get(keyword, "")
+    except Exception:  # a value in a broken character set: matching sees ""
+        return ""
+    text = "" if value is None else str(value)
+    return text[:_FREE_TEXT_LIMIT]
+
+
+def identify(dataset: Dataset) -> InstanceIdentity:
+    """Validated identity of an instance; raises InvalidUID naming the attribute at fault."""
+    sop_class_uid = require_uid("SOPClassUID", dataset.get("SOPClassUID"))
+    sop_instance_uid = require_uid("SOPInstanceUID", dataset.get("SOPInstanceUID"))
+    series_uid = require_uid("SeriesInstanceUID", dataset.get("SeriesInstanceUID"))
+    study = dataset.get("StudyInstanceUID")
+    study_uid = require_uid("StudyInstanceUID", study) if study else None
+    return InstanceIdentity(
+        series=SeriesKey(series_uid, sop_class_uid),
+        sop_instance_uid=sop_instance_uid,
+        study_uid=study_uid,
+        attributes=SeriesAttributes(
+            modality=_text(dataset, "Modality"),
+            sop_class_uid=sop_class_uid,
+            series_description=_text(dataset, "SeriesDescription"),
+            study_description=_text(dataset, "StudyDescription"),
+        ),
+    )
+
+
+def identify_file(path) -> InstanceIdentity:
+    """Identity of a stored Part-10 file (used when resuming from storage after a restart)."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    return identify(dataset)

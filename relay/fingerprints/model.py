@@ -1,0 +1,79 @@
+"""Plain data for fingerprints: what a series must look like, where it goes, where results go.
+
+These dataclasses are the one in-memory form of a fingerprint, whatever it was read from
+(an original relay JSON file, a local `Fingerprint` manifest, or a custom resource).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Protocol = Literal["v1", "v2"]
+
+
+@dataclass(frozen=True)
+class MatchRules:
+    """Regular expressions, searched case-insensitively; an empty expression matches anything."""
+
+    modality: str = ""
+    sop_class_uid: str = ""
+    series_description: str = ""
+    study_description: str = ""
+    # Searched in all four attributes; a hit in any of them excludes the series.
+    exclude: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM storage SCP that receives the predictions."""
+
+    host: str
+    port: int
+    ae_title: str
+
+
+@dataclass(frozen=True)
+class CABundleRef:
+    """A CA bundle kept in a ConfigMap or Secret (custom resources only; the operator resolves it)."""
+
+    kind: Literal["configMap", "secret"]
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class InferenceServerRef:
+    """How to reach the model: protocol v1 carries the tasks URL, v2 the server's base URL."""
+
+    url: str
+    model: str
+    protocol: Protocol = "v2"
+    # Path of a PEM bundle to verify TLS against; None means the relay's CERT_FILE.
+    ca_bundle: str | None = None
+    # On Kubernetes the bundle lives in a ConfigMap or Secret; then ca_bundle is None.
+    ca_bundle_ref: CABundleRef | None = None
+    poll_interval_seconds: float | None = None  # None: the relay's GET_INTERVAL
+    timeout_seconds: float | None = None  # None: the relay's GET_TIMEOUT
+    delete_when_done: bool | None = None  # None: ASK_INFERENCE_SERVER_TO_DELETE_TASK
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """One fingerprint: series matching `match` go to `inference_server`, results to `destinations`."""
+
+    name: str  # unique, a DNS-1123 label (from metadata.name or the seed file's stem)
+    match: MatchRules
+    inference_server: InferenceServerRef
+    destinations: tuple[Destination, ...] = field(default_factory=tuple)
+    source: str = ""  # where it was read from, for messages (a file path, or namespace/name)
+
+
+@dataclass(frozen=True)
+class SeriesAttributes:
+    """The attributes of a series that matching looks at (never patient identifiers)."""
+
+    modality: str = ""
+    sop_class_uid: str = ""
+    series_description: str = ""
+    study_description: str = ""

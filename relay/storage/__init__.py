@@ -1,0 +1,22 @@
+"""Where instances and state live: a local directory or an S3-compatible bucket."""
+
+from relay.storage.base import ObjectInfo, Storage, StorageError, StorageFull
+
+
+def open_storage(settings) -> Storage:
+    """The storage the settings name (STORAGE=local|s3)."""
+    if settings.storage == "s3":
+        from relay.storage.s3 import S3Storage
+
+        return S3Storage(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    from relay.storage.local import LocalStorage
+
+    return LocalStorage(settings.incoming_dir, min_free_bytes=settings.min_free_bytes)
+
+
+__all__ = ["ObjectInfo", "Storage", "StorageError", "StorageFull", "open_storage"]
