@@ -11,6 +11,7 @@ import io
 import zlib
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -19,6 +20,7 @@ from relay.fingerprints.model import SeriesAttributes
 from relay.uids import SeriesKey, require_uid
 
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+UNDEFINED_LENGTH = 0xFFFFFFFF
 _FREE_TEXT_LIMIT = 256  # LO is 64 characters; anything much longer is garbage, not a description
 
 
@@ -52,14 +54,32 @@ def parse_dataset(raw: bytes | memoryview, transfer_syntax: str) -> Dataset:
         implicit, little = False, True
     try:
         dataset = read_dataset(io.BytesIO(data), implicit, little)
-        # Touch every element so that a value cut short is found now, not after "success".
-        for element in dataset.iterall():
-            element.value  # noqa: B018 - decoding is the check
+        _check_complete(dataset)
+    except UndecodableDataset:
+        raise
     except Exception as exc:  # pydicom raises many types for malformed input
         raise UndecodableDataset(f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from None
     if len(dataset) == 0:
         raise UndecodableDataset("dataset is empty")
     return dataset
+
+
+def _check_complete(dataset: Dataset) -> None:
+    """Every element holds as many bytes as its header says, in sequences too.
+
+    pydicom reads a value cut short at the end of the stream without complaint; a truncated
+    instance must be refused now, not acknowledged and found broken later."""
+    for tag in list(dataset.keys()):
+        raw = dataset._dict[tag]
+        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None:
+            if len(raw.value) != raw.length:
+                raise UndecodableDataset(
+                    f"dataset cannot be decoded: element {tag} is cut short "
+                    f"({len(raw.value)} of {raw.length} bytes)")
+        element = dataset[tag]  # decodes the value (and parses a sequence's items)
+        if element.VR == "SQ":
+            for item in element.value:
+                _check_complete(item)
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
@@ -89,11 +109,3 @@ def identify(dataset: Dataset) -> InstanceIdentity:
             study_description=_text(dataset, "StudyDescription"),
         ),
     )
-
-
-def identify_file(path) -> InstanceIdentity:
-    """Identity of a stored Part-10 file (used when resuming from storage after a restart)."""
-    import pydicom
-
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    return identify(dataset)

@@ -1,0 +1,71 @@
+"""dcmtk programs as the relay's real DICOM peers: storescu/echoscu send, storescp receives."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+
+from tests.support.processes import ManagedProcess, dcmtk_env, free_port, require_binary, wait_for_port
+
+
+def storescu(port: int, files, called_ae: str = "ISDR", calling_ae: str = "SCANNER",
+             timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Send files with dcmtk's storescu; returns the finished process (stdout+stderr in .stdout)."""
+    binary = require_binary("storescu")
+    args = [binary, "-aet", calling_ae, "-aec", called_ae, "--propose-lossless",
+            "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(args, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+def echoscu(port: int, called_ae: str = "ISDR", calling_ae: str = "SCANNER") -> subprocess.CompletedProcess:
+    binary = require_binary("echoscu")
+    return subprocess.run([binary, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+                          env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=60)
+
+
+class StoreSCP:
+    """dcmtk's storescp as a destination (a PACS stand-in) writing into a folder."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.process: ManagedProcess | None = None
+
+    def start(self) -> "StoreSCP":
+        binary = require_binary("storescp")
+        self.process = ManagedProcess(
+            [binary, "-aet", self.ae_title, "--output-directory", str(self.folder),
+             "--accept-all", str(self.port)],
+            self.folder.parent / f"storescp-{self.port}.log",
+            env=dcmtk_env(),
+        )
+        wait_for_port(self.port, process=self.process.popen)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def datasets(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in self.files()]
+
+    def wait_for_files(self, count: int, timeout: float = 60.0) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            files = self.files()
+            if len(files) >= count:
+                time.sleep(0.2)  # let storescp finish writing the last one
+                return self.files()
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.ae_title} received {len(self.files())} files, expected {count}")

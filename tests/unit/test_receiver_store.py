@@ -1,0 +1,119 @@
+"""Receiver.store(): validation and statuses, on encoded bytes as pynetdicom hands them over."""
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from relay.config import load_settings
+from relay.dicom import receiver as rx
+from relay.storage.base import StorageError, StorageFull
+from relay.storage.local import LocalStorage
+from relay.synthetic import write_ct_series
+
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+class Sink:
+    def __init__(self):
+        self.instances = []
+
+    def instance_stored(self, instance):
+        self.instances.append(instance)
+
+    def association_ended(self, calling):
+        pass
+
+
+def encoded(dataset):
+    """The dataset alone, implicit VR little endian: what a C-STORE request carries."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()
+
+
+def file_meta(ds):
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = IMPLICIT
+    meta.ImplementationClassUID = "1.2.3.4"
+    return meta
+
+
+@pytest.fixture
+def setup(tmp_path):
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", count=1, rows=8, cols=8)[0])
+    sink = Sink()
+    receiver = rx.Receiver(load_settings({}), LocalStorage(tmp_path / "data"), sink)
+    return ds, receiver, sink, tmp_path / "data"
+
+
+def store(receiver, ds, raw=None, **overrides):
+    args = dict(raw=raw if raw is not None else encoded(ds), transfer_syntax=IMPLICIT,
+                affected_sop_class_uid=str(ds.SOPClassUID),
+                affected_sop_instance_uid=str(ds.SOPInstanceUID), file_meta=file_meta(ds),
+                calling_ae_title="CT1")
+    args.update(overrides)
+    return receiver.store(**args)
+
+
+def test_stored_file_is_the_received_dataset_behind_a_file_meta_header(setup):
+    ds, receiver, sink, root = setup
+    raw = encoded(ds)
+    assert store(receiver, ds, raw) == rx.SUCCESS
+    (path,) = list(root.rglob("*.dcm"))
+    assert path.relative_to(root).as_posix() == (
+        f"series/{ds.SeriesInstanceUID}/{ds.SOPClassUID}/{ds.SOPInstanceUID}.dcm")
+    assert path.read_bytes().endswith(raw)
+    assert pydicom.dcmread(path).PixelData == ds.PixelData
+    assert sink.instances[0].identity.attributes.modality == "CT"
+
+
+def test_a_resent_instance_does_not_duplicate(setup):
+    ds, receiver, sink, root = setup
+    assert store(receiver, ds) == store(receiver, ds) == rx.SUCCESS
+    assert len(list(root.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize("attribute", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
+def test_malformed_uids_are_refused_without_storing(setup, attribute):
+    ds, receiver, sink, root = setup
+    setattr(ds, attribute, "1.2.3/../../etc")
+    status = store(receiver, ds, affected_sop_instance_uid=str(ds.SOPInstanceUID))
+    assert status == rx.INVALID_UID
+    assert not list(root.rglob("*.dcm")) and not sink.instances
+
+
+def test_missing_series_uid_is_refused(setup):
+    ds, receiver, sink, root = setup
+    del ds.SeriesInstanceUID
+    assert store(receiver, ds) == rx.INVALID_UID
+
+
+def test_truncated_and_garbage_datasets_are_undecodable(setup):
+    ds, receiver, sink, root = setup
+    raw = encoded(ds)
+    assert store(receiver, ds, raw[: len(raw) - 50]) == rx.UNDECODABLE
+    assert store(receiver, ds, b"\xff" * 37) == rx.UNDECODABLE
+    assert not list(root.rglob("*.dcm"))
+
+
+def test_sop_class_and_instance_must_agree_with_the_request(setup):
+    ds, receiver, sink, root = setup
+    assert store(receiver, ds, affected_sop_class_uid="1.2.3") == rx.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert store(receiver, ds, affected_sop_instance_uid="1.2.3") == rx.INVALID_UID
+
+
+@pytest.mark.parametrize("error, status", [(StorageFull("full"), rx.OUT_OF_RESOURCES),
+                                           (StorageError("broken"), rx.PROCESSING_FAILURE)])
+def test_storage_failures_are_failure_statuses_and_nothing_is_registered(setup, error, status):
+    ds, receiver, sink, root = setup
+
+    def fail(key, chunks):
+        raise error
+
+    receiver.storage.put = fail
+    assert store(receiver, ds) == status
+    assert not sink.instances
