@@ -6,6 +6,7 @@ own set-up (`make test`) is meant to install everything the tests need.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -33,6 +34,32 @@ def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         missing(f"the program {name!r}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def find_dcmtk(name: str) -> str | None:
+    # pynetdicom installs console scripts called storescu/storescp/echoscu too, and a virtual
+    # environment's bin folder usually comes first on PATH: take the first one that is dcmtk's.
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
+        candidate = Path(folder) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True,
+                                     timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in version.lower():
+            return str(candidate)
+    return None
+
+
+def require_dcmtk(name: str) -> str:
+    """The path of dcmtk's `name` (storescu, storescp, echoscu, dcmdump)."""
+    path = find_dcmtk(name)
+    if path is None:
+        missing(f"dcmtk's {name!r} (Debian package dcmtk)")
     return path
 
 

@@ -1,0 +1,93 @@
+"""What a task does, chosen by the model name it was submitted with.
+
+Tests pick a behaviour simply by the model in their fingerprint, so the emulator needs no control
+channel: `toy` produces real predictions, `fail` crashes, `evil-*` returns hostile archives, and
+any name not listed here is an unknown model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Outcome(str, Enum):
+    OUTPUT = "output"  # finished with an output archive (200)
+    FAILED = "failed"  # the model failed (552)
+    MISSING = "missing"  # finished, but the output is missing (553)
+
+
+class Evil(str, Enum):
+    """Hostile additions to an otherwise valid output archive."""
+
+    DOTDOT = "dotdot"  # entries named ../../escaped.dcm and /tmp/isdr-absolute-escape.dcm
+    SYMLINK = "symlink"  # a symlink to /etc/passwd, a link-then-write-through pair, a hardlink
+    BOMB = "bomb"  # one entry of --bomb-bytes zeros, highly compressed
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    name: str
+    summary: str
+    outcome: Outcome = Outcome.OUTPUT
+    delay_factor: float = 1.0
+    # The first this many polls (once the task is visible) answer 500 internal error.
+    poll_errors: int = 0
+    evil: Evil | None = None
+    failure_message: str = ""
+
+
+TOY = Behaviour("toy", "real predictions: one RTSTRUCT per input series (or a secondary capture)")
+
+_BEHAVIOURS = {
+    b.name: b
+    for b in (
+        TOY,
+        Behaviour(
+            "fail",
+            "the model crashes: 552 'model crashed (emulated)'",
+            outcome=Outcome.FAILED,
+            failure_message="model crashed (emulated)",
+        ),
+        Behaviour(
+            "missing-output",
+            "finishes but its output is missing: 553",
+            outcome=Outcome.MISSING,
+            failure_message="task finished but its output is missing (emulated)",
+        ),
+        Behaviour(
+            "internal-error",
+            "the first 2 polls answer 500, then like toy",
+            poll_errors=2,
+        ),
+        Behaviour("slow", "like toy, with three times the delay", delay_factor=3.0),
+        Behaviour(
+            "evil-dotdot",
+            "valid RTSTRUCT plus entries ../../escaped.dcm and /tmp/isdr-absolute-escape.dcm",
+            evil=Evil.DOTDOT,
+        ),
+        Behaviour(
+            "evil-symlink",
+            "valid RTSTRUCT plus a symlink to /etc/passwd, a link to /tmp with a file through it, "
+            "and (tar only) a hardlink",
+            evil=Evil.SYMLINK,
+        ),
+        Behaviour(
+            "evil-bomb",
+            "valid RTSTRUCT plus one entry that expands to --bomb-bytes of zeros",
+            evil=Evil.BOMB,
+        ),
+    )
+}
+
+
+def behaviour_for(model: str) -> Behaviour | None:
+    """The behaviour of `model`, or None for an unknown model (550 in v1, 554 in v2)."""
+    if model.startswith("toy"):
+        return TOY
+    return _BEHAVIOURS.get(model)
+
+
+def catalogue() -> dict[str, str]:
+    """Model name -> one-line summary, for --help and /_emulator/stats."""
+    return {"toy*": TOY.summary, **{n: b.summary for n, b in _BEHAVIOURS.items() if n != "toy"}}

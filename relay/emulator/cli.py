@@ -1,0 +1,191 @@
+"""Command line of the emulator: `python -m relay.emulator` and the `isdr emulator` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from .behaviours import catalogue
+from .config import DEFAULT_BOMB_BYTES, DEFAULT_MAX_UPLOAD_BYTES, EmulatorConfig
+
+_DESCRIPTION = """\
+Run an InferenceServer emulator: a real HTTP(S) server that speaks both InferenceServer
+protocols on one port (v1: tasks URL <base>/api/tasks/, zip archives; v2: base URL, tar
+archives) with every status code of the API, for tests and the demo.
+
+What a task does is chosen by its model name:
+"""
+
+_EPILOG = """\
+Inspection for tests: GET /_emulator/stats (counters and tasks as JSON), POST /_emulator/reset
+(forget tasks and counters, re-arm --fail-submits).
+
+Example:
+  python -m relay.emulator --port 0 --port-file /tmp/emulator.port --tls-dir /tmp/emulator-tls
+  then use https://127.0.0.1:<port>/api/tasks/ (v1) or https://127.0.0.1:<port> (v2) with
+  the CA bundle /tmp/emulator-tls/ca.pem.
+"""
+
+
+def _description() -> str:
+    lines = [_DESCRIPTION]
+    for name, summary in catalogue().items():
+        lines.append(
+            textwrap.fill(
+                summary,
+                width=92,
+                break_on_hyphens=False,
+                initial_indent=f"  {name:<15} ",
+                subsequent_indent=" " * 18,
+            )
+        )
+    lines.append("  any other name  unknown model: 550 at a v1 submit, 554 at a v2 submit")
+    return "\n".join(lines)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port-file",
+        type=Path,
+        metavar="PATH",
+        help="write the bound port to PATH (atomically) once listening; useful with --port 0",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve HTTPS; a CA (ca.pem, ca-key.pem) and a server certificate for localhost/127.0.0.1 "
+        "signed by it (server.pem, server-key.pem) are generated in DIR unless present. "
+        "Clients verify against DIR/ca.pem",
+    )
+    parser.add_argument(
+        "--tls-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an extra DNS name or IP address for the server certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--delay",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long a task stays pending/running before its output is ready (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--v1-register-delay",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the v1 quirk: for this long after a v1 submit, polls and deletes of the task answer "
+        "554 not found (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="where tasks are kept; a restarted emulator picks them up again "
+        "(default: a temporary folder, removed on exit)",
+    )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        metavar="N",
+        help="larger uploads answer 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fail-submits",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="the first N submits answer 500, to exercise retries (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bomb-bytes",
+        type=_non_negative_int,
+        default=DEFAULT_BOMB_BYTES,
+        metavar="N",
+        help="expanded size of the evil-bomb model's zero-filled entry (default: %(default)s)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    return EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        port_file=args.port_file,
+        tls_dir=args.tls_dir,
+        tls_names=list(args.tls_san),
+        delay=args.delay,
+        v1_register_delay=args.v1_register_delay,
+        data_dir=args.data_dir,
+        max_upload_bytes=args.max_upload_bytes,
+        fail_submits=args.fail_submits,
+        bomb_bytes=args.bomb_bytes,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the emulator from parsed arguments until SIGTERM/SIGINT; return the exit code."""
+    from .server import serve  # imported late: `--help` should not need pydicom or cryptography
+
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `emulator` subcommand on an argparse subparsers object; sets func=run."""
+    parser = subparsers.add_parser(
+        "emulator",
+        help="run an InferenceServer emulator (both protocols, TLS, toy models) for tests and demos",
+        description=_description(),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure_parser(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay.emulator",
+        description=_description(),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
