@@ -1,0 +1,72 @@
+"""Protocol v1: the fingerprint carries the tasks URL; zip archives; the task uid is a URL segment.
+
+    submit  POST <tasks-url>?model_human_readable_id=<model>   file field zip_file   -> "uid"
+    poll    GET    <tasks-url><uid>
+    delete  DELETE <tasks-url><uid>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+from .base import ClientSettings, PollResult, validate_uid
+from .http import HttpTransport
+
+
+def normalize_tasks_url(url: str) -> str:
+    """The tasks URL with a trailing '/' on its path.
+
+    urljoin replaces the last path segment unless the base ends with '/':
+    urljoin('https://h/api/tasks', 'abc') is 'https://h/api/abc', not '.../tasks/abc'. The
+    original relay's configuration always had the slash; a user who leaves it off still means
+    the tasks collection, so it is added rather than silently polling the wrong URL.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class V1Client:
+    protocol = "v1"
+
+    def __init__(self, tasks_url: str, settings: ClientSettings, download_dir: Path):
+        self.tasks_url = normalize_tasks_url(tasks_url)
+        self.download_dir = Path(download_dir)
+        self.http = HttpTransport(settings)
+
+    def archive_format(self) -> str:
+        return "zip"
+
+    def task_url(self, uid: str) -> str:
+        # The uid was validated (no '/', '?', '#', not '..'), so the join stays below the tasks URL.
+        return urljoin(self.tasks_url, validate_uid(uid))
+
+    def submit(self, archive_path: Path, model: str) -> str:
+        return self.http.submit(
+            self.tasks_url,
+            {"model_human_readable_id": model},
+            "zip_file",
+            Path(archive_path),
+            "application/zip",
+            rejected={550: f"model {model!r} not found"},
+        )
+
+    def poll(self, uid: str) -> PollResult:
+        uid = validate_uid(uid)
+        return self.http.poll(self.task_url(uid), None, self.download_dir / f"{uid}.zip")
+
+    def delete(self, uid: str) -> None:
+        self.http.delete(self.task_url(uid), None)
+
+    def close(self) -> None:
+        """Close pooled connections (a garbage-collected client closes them too, only later)."""
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
