@@ -29,7 +29,7 @@ k8s-binaries:
 
 ## demo: the relay on its embedded defaults with the example InferenceServer and a destination, end to end
 demo: system-deps python-deps
-	@PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+	@ISDR="$(abspath $(BIN))/isdr" bash scripts/demo.sh
 
 ## test: the whole test suite (unit, integration with real DICOM/HTTP/S3 peers, Kubernetes)
 test: setup
@@ -41,7 +41,7 @@ test-fast: python-deps
 
 ## bench: receive throughput of `isdr run` next to dcmtk's storescp
 bench: system-deps python-deps
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/bench_receive.py
+	$(BIN)/python scripts/bench_receive.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-data benchmark-data .pytest_cache

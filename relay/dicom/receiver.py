@@ -118,7 +118,9 @@ class Receiver:
     # --- access control ---
 
     def _on_requested(self, event) -> None:
-        calling = event.assoc.requestor.ae_title.strip()
+        # The A-ASSOCIATE-RQ has been received but not negotiated yet: read it from the request.
+        raw = event.assoc.requestor.primitive.calling_ae_title
+        calling = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)).strip()
         address = event.assoc.requestor.address
         allowed_aes = self.settings.allowed_calling_ae_titles
         allowed_addresses = self.settings.allowed_peer_addresses

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import pydicom
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from relay.dicom.network import NODELAY_HANDLER
@@ -24,6 +25,11 @@ from relay.fingerprints.model import Destination
 log = logging.getLogger("relay.sender")
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
+
+# Send each file's dataset bytes as they are on disk instead of decoding and re-encoding them:
+# faster, and what the destination gets is exactly what the model produced. This needs the
+# accepted transfer syntax to be the file's own, which is what plan_contexts proposes.
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class DestinationUnavailable(Exception):

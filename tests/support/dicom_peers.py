@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pydicom
 
-from tests.support.processes import ManagedProcess, dcmtk_env, free_port, require_binary, wait_for_port
+from tests.support.processes import ManagedProcess, dcmtk_env, free_port, require_dcmtk, wait_for_port
 
 
 def storescu(port: int, files, called_ae: str = "ISDR", calling_ae: str = "SCANNER",
              timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Send files with dcmtk's storescu; returns the finished process (stdout+stderr in .stdout)."""
-    binary = require_binary("storescu")
+    binary = require_dcmtk("storescu")
     args = [binary, "-aet", calling_ae, "-aec", called_ae, "--propose-lossless",
             "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(args, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -22,7 +22,7 @@ def storescu(port: int, files, called_ae: str = "ISDR", calling_ae: str = "SCANN
 
 
 def echoscu(port: int, called_ae: str = "ISDR", calling_ae: str = "SCANNER") -> subprocess.CompletedProcess:
-    binary = require_binary("echoscu")
+    binary = require_dcmtk("echoscu")
     return subprocess.run([binary, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
                           env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=60)
@@ -39,7 +39,7 @@ class StoreSCP:
         self.process: ManagedProcess | None = None
 
     def start(self) -> "StoreSCP":
-        binary = require_binary("storescp")
+        binary = require_dcmtk("storescp")
         self.process = ManagedProcess(
             [binary, "-aet", self.ae_title, "--output-directory", str(self.folder),
              "--accept-all", str(self.port)],

@@ -100,8 +100,11 @@ class RelayProcess:
         raise AssertionError(f"relay log never showed {pattern!r} x{count}:\n{self.log()[-6000:]}")
 
     def stored_instances(self) -> list[Path]:
-        root = self.data_dir / "series"
-        return sorted(p for p in root.rglob("*.dcm")) if root.exists() else []
+        # os.walk, unlike rglob, shrugs off folders that the relay removes while we look.
+        found = []
+        for folder, _dirs, files in os.walk(self.data_dir / "series"):
+            found.extend(Path(folder) / name for name in files if name.endswith(".dcm"))
+        return sorted(found)
 
     def state_documents(self) -> list[dict]:
         root = self.data_dir / "state" / "series"

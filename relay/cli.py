@@ -1,0 +1,106 @@
+"""The `isdr` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from relay import __version__
+from relay.config import ENV_VARIABLES, ConfigError, load_settings
+
+_RUN_EPILOG = """\
+Settings come from environment variables, the original relay's among them:
+  {names}
+Flags given here win over the environment. See the README's configuration reference.
+
+example:
+  FINGERPRINT_DIR=./fingerprints INCOMING_DIR=./data isdr run --port 11112
+"""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_run(args) -> int:
+    from relay.runner import Relay
+
+    try:
+        settings = load_settings(
+            scp_port=args.port,
+            scp_ae_title=args.ae_title,
+            scp_hostname=args.host,
+            incoming_dir=args.incoming_dir,
+            fingerprint_dir=args.fingerprint_dir,
+        )
+    except ConfigError as exc:
+        print(f"isdr run: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    relay = Relay(settings)
+    try:
+        relay.serve_forever()
+    except OSError as exc:  # e.g. the port is taken
+        logging.getLogger("relay").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def _add_run(subparsers) -> None:
+    from pathlib import Path
+
+    parser = subparsers.add_parser(
+        "run",
+        help="run the whole relay in one process (no cluster)",
+        description="Receive DICOM, match fingerprints, run inference tasks and deliver the "
+        "predictions, all in one process. State is kept under the storage root, so a restart "
+        "resumes every series and task.",
+        epilog=_RUN_EPILOG.format(names=" ".join(ENV_VARIABLES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", help="address to listen on (SCP_HOSTNAME)")
+    parser.add_argument("--port", type=int, help="DICOM port to listen on (SCP_PORT)")
+    parser.add_argument("--ae-title", help="the relay's AE title (SCP_AE_TITLE)")
+    parser.add_argument("--incoming-dir", type=Path, help="storage root for STORAGE=local (INCOMING_DIR)")
+    parser.add_argument("--fingerprint-dir", type=Path, help="folder of fingerprints (FINGERPRINT_DIR)")
+    parser.set_defaults(func=_cmd_run)
+
+
+def _more_subcommands(subparsers) -> None:
+    from relay.emulator.cli import add_parser as add_emulator
+    from relay.fingerprints.commands import add_parser as add_fingerprint
+    from relay.synthetic import add_parser as add_sample
+
+    add_fingerprint(subparsers)
+    add_emulator(subparsers)
+    add_sample(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isdr",
+        description="ISDR, the InferenceServer DICOM Relay: DICOM in, AI inference, DICOM out.",
+    )
+    parser.add_argument("--version", action="version", version=f"isdr {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(subparsers)
+    _more_subcommands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

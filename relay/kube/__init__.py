@@ -1,0 +1,1 @@
+"""What the Kubernetes mode shares between the receiver, the operator and the Job pods."""
