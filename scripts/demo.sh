@@ -58,7 +58,7 @@ cat "$DEMO/fingerprints/ct-organs.yaml"
 step "Starting the relay: isdr run (embedded defaults; logs below)"
 RELAY_PORT=$(free_port)
 CERT_FILE="$DEMO/emulator/tls/ca.pem" FINGERPRINT_DIR="$DEMO/fingerprints" INCOMING_DIR="$DEMO/incoming" \
-  SCP_PORT="$RELAY_PORT" "$ISDR" run 2>&1 | sed 's/^/    relay | /' &
+  SCP_PORT="$RELAY_PORT" "$ISDR" run > >(sed -u 's/^/    relay | /') 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
 
