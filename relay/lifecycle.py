@@ -1,4 +1,4 @@
-"""The series life cycle, as plain functions over plain data.
+r"""The series life cycle, as plain functions over plain data.
 
     Receiving --(quiet for POST_AFTER)--> Unmatched (forgotten, instances deleted)
                                       \-> Dispatched (one task per matching fingerprint)

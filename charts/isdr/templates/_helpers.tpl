@@ -1,0 +1,161 @@
+{{/* Names, labels and shared pod pieces of the ISDR chart. */}}
+
+{{- define "isdr.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-isdr, or <release> when it already contains the chart name; at most 52 characters
+so that every suffix below (-receiver, -operator, -config, ...) keeps names within 63. */}}
+{{- define "isdr.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "isdr.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object; pass (dict "ctx" $ "component" "receiver"). */}}
+{{- define "isdr.labels" -}}
+helm.sh/chart: {{ include "isdr.chart" .ctx }}
+{{ include "isdr.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: isdr
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{- define "isdr.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "isdr.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{- define "isdr.receiverName" -}}{{ include "isdr.fullname" . }}-receiver{{- end -}}
+{{- define "isdr.operatorName" -}}{{ include "isdr.fullname" . }}-operator{{- end -}}
+{{- define "isdr.jobServiceAccountName" -}}{{ include "isdr.fullname" . }}-job{{- end -}}
+{{- define "isdr.configName" -}}{{ include "isdr.fullname" . }}-config{{- end -}}
+{{- define "isdr.peeringName" -}}{{ default (include "isdr.fullname" .) .Values.operator.peering }}{{- end -}}
+
+{{- define "isdr.claimName" -}}
+{{- default (printf "%s-data" (include "isdr.fullname" .)) .Values.storage.pvc.existingClaim -}}
+{{- end -}}
+
+{{/* repository:tag, or repository:tag@digest when a digest is given. */}}
+{{- define "isdr.image" -}}
+{{- $ref := printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- if .Values.image.digest -}}
+{{- $ref = printf "%s@%s" $ref .Values.image.digest -}}
+{{- end -}}
+{{- $ref -}}
+{{- end -}}
+
+{{/* Where the CA bundle is mounted, and CERT_FILE. */}}
+{{- define "isdr.caDir" -}}/etc/isdr/ca{{- end -}}
+{{- define "isdr.caEnabled" -}}
+{{- with .Values.inferenceServer.caBundle -}}{{- if or .configMap .secret -}}true{{- end -}}{{- end -}}
+{{- end -}}
+
+{{/* Settings the chart manages itself; `config` must not set them. */}}
+{{- define "isdr.managedSettings" -}}
+SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT_FILE
+{{- end -}}
+
+{{/* Fails on combinations of values the schema cannot express. */}}
+{{- define "isdr.validate" -}}
+{{- range $key, $_ := .Values.config -}}
+{{- if has $key (splitList " " (include "isdr.managedSettings" $)) -}}
+{{- fail (printf "config.%s is set by the chart: use storage.* or inferenceServer.caBundle instead" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.storage.type "s3") (not .Values.storage.s3.bucket) -}}
+{{- fail "storage.type=s3 needs storage.s3.bucket" -}}
+{{- end -}}
+{{- with .Values.inferenceServer.caBundle -}}
+{{- if and .configMap .secret -}}
+{{- fail "inferenceServer.caBundle: give configMap or secret, not both" -}}
+{{- end -}}
+{{- if and (or .configMap .secret) (not .key) -}}
+{{- fail "inferenceServer.caBundle.key is required with a configMap or secret" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Downward-API environment shared by the receiver and the operator. */}}
+{{- define "isdr.podEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end -}}
+
+{{/* envFrom: the relay settings, and the S3 credentials in s3 mode. */}}
+{{- define "isdr.envFrom" -}}
+- configMapRef:
+    name: {{ include "isdr.configName" . }}
+{{- if and (eq .Values.storage.type "s3") .Values.storage.s3.credentials.existingSecret }}
+- secretRef:
+    name: {{ .Values.storage.s3.credentials.existingSecret }}
+{{- end }}
+{{- end -}}
+
+{{/* Volume mounts shared by the receiver and the operator. */}}
+{{- define "isdr.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if eq .Values.storage.type "pvc" }}
+- name: data
+  mountPath: /data
+{{- end }}
+{{- if include "isdr.caEnabled" . }}
+- name: ca-bundle
+  mountPath: {{ include "isdr.caDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "isdr.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- if eq .Values.storage.type "pvc" }}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "isdr.claimName" . }}
+{{- end }}
+{{- with .Values.inferenceServer.caBundle }}
+{{- if .configMap }}
+- name: ca-bundle
+  configMap:
+    name: {{ .configMap }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- else if .secret }}
+- name: ca-bundle
+  secret:
+    secretName: {{ .secret }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Checksum of the relay settings, so that a changed ConfigMap restarts the pods. */}}
+{{- define "isdr.configChecksum" -}}
+checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- end -}}

@@ -1,0 +1,344 @@
+"""The Dockerfile, checked as far as it can be without a Docker engine.
+
+A small parser reads the instructions (line continuations, comments, stages); the checks are the
+image's contract with the chart and the code: a non-root numeric user (the chart's runAsUser),
+`isdr` as the entry point, the CRDs in the image and ISDR_CRDS_DIR pointing at them, pinned base
+images. The build context is simulated from .dockerignore, and the builder stage's wheel is built
+from exactly that context, so a file the build needs but the context leaves out is caught here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+CHART = REPO / "charts" / "isdr"
+
+
+# --- a small Dockerfile parser ------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    value: str
+    line: int
+
+    @property
+    def exec_form(self) -> list[str] | None:
+        """The JSON array of an exec-form instruction (ENTRYPOINT ["isdr"]), else None."""
+        text = self.value.strip()
+        if not text.startswith("["):
+            return None
+        return json.loads(text)
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction | None:
+        found = self.all(keyword)
+        return found[-1] if found else None
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    lines = text.splitlines()
+    logical: list[tuple[int, str]] = []
+    buffer, start = "", 0
+    for number, raw in enumerate(lines, 1):
+        stripped = raw.strip()
+        if not buffer and (not stripped or stripped.startswith("#")):
+            continue  # comments and parser directives (# syntax=...)
+        if buffer and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if not buffer:
+            start = number
+        if stripped.endswith("\\"):
+            buffer += stripped[:-1].rstrip() + " "
+            continue
+        buffer += stripped
+        logical.append((start, buffer))
+        buffer = ""
+    assert not buffer, "the Dockerfile ends inside a continued line"
+
+    stages: list[Stage] = []
+    for number, statement in logical:
+        keyword, _, value = statement.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            words = value.split()
+            words = [w for w in words if not w.startswith("--platform")]
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base=words[0], name=name))
+            continue
+        assert stages or keyword in ("ARG",), f"line {number}: {keyword} before the first FROM"
+        if stages:
+            stages[-1].instructions.append(Instruction(keyword, value.strip(), number))
+    return stages
+
+
+def env_assignments(stage: Stage) -> dict[str, str]:
+    """ENV KEY=VALUE ... (and the legacy ENV KEY VALUE) of one stage, in order."""
+    result: dict[str, str] = {}
+    for instruction in stage.all("ENV"):
+        words = shlex.split(instruction.value)
+        if words and "=" not in words[0]:
+            result[words[0]] = " ".join(words[1:])
+            continue
+        for word in words:
+            key, _, value = word.partition("=")
+            result[key] = value
+    return result
+
+
+def copy_sources(instruction: Instruction) -> tuple[list[str], str, dict[str, str]]:
+    """(sources, destination, flags) of a COPY/ADD."""
+    form = instruction.exec_form
+    words = form if form is not None else shlex.split(instruction.value)
+    flags = {}
+    while words and words[0].startswith("--"):
+        key, _, value = words.pop(0)[2:].partition("=")
+        flags[key] = value
+    return words[:-1], words[-1], flags
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def final(stages) -> Stage:
+    return stages[-1]
+
+
+def test_parser_reads_continuations_and_stages():
+    text = "# syntax=docker/dockerfile:1\nFROM a:1 AS b\nRUN x \\\n  # note\n  && y\nFROM c:2\nENV A=1 \\\n    B=2\n"
+    parsed = parse_dockerfile(text)
+    assert [(s.base, s.name) for s in parsed] == [("a:1", "b"), ("c:2", None)]
+    assert parsed[0].instructions[0].value == "x && y"
+    assert env_assignments(parsed[1]) == {"A": "1", "B": "2"}
+
+
+# --- the image's contract -------------------------------------------------------------------------
+
+
+def test_base_images_are_python_3_11_slim_with_a_pinned_tag(stages):
+    names = {s.name for s in stages if s.name}
+    for stage in stages:
+        if stage.base in names:
+            continue  # FROM an earlier stage
+        image, _, tag = stage.base.partition(":")
+        assert image in ("python", "docker.io/library/python"), stage.base
+        assert tag and tag != "latest", f"{stage.base}: pin a tag, never latest"
+        assert re.fullmatch(r"3\.11(\.\d+)?-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", tag), stage.base
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_that_the_chart_expects(final):
+    user = final.last("USER")
+    assert user is not None, "the final stage must set USER"
+    uid, _, gid = user.value.partition(":")
+    assert uid.isdigit() and int(uid) != 0, "USER must be numeric (runAsNonRoot can only verify a numeric uid)"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == int(uid)
+    if gid:
+        assert values["podSecurityContext"]["runAsGroup"] == int(gid)
+    # the user is created in the image with that uid
+    created = " ".join(i.value for i in final.all("RUN"))
+    assert re.search(rf"useradd\b.*--uid {uid}\b", created)
+    # nothing after USER switches back to root
+    assert final.instructions.index(user) > max(final.instructions.index(i) for i in final.all("RUN"))
+
+
+def test_entrypoint_is_the_isdr_command(final):
+    entrypoint = final.last("ENTRYPOINT")
+    assert entrypoint is not None and entrypoint.exec_form == ["isdr"]
+    # the chart's containers pass only the subcommand
+    for template in ("receiver.yaml", "operator.yaml"):
+        text = (CHART / "templates" / template).read_text()
+        assert "command:" not in text, f"{template} must not override the image's ENTRYPOINT"
+
+
+def test_crds_are_in_the_image_and_isdr_crds_dir_points_at_them(final):
+    from relay.fingerprints import schema
+
+    env = env_assignments(final)
+    crds_dir = env.get(schema.CRDS_DIR_ENV)
+    assert crds_dir == "/opt/isdr/crds"
+    copies = [copy_sources(i) for i in final.all("COPY")]
+    assert any(sources == ["crds/"] and dest.rstrip("/") == crds_dir and "from" not in flags
+               for sources, dest, flags in copies), copies
+    assert (REPO / "crds" / schema.CRD_FILE_NAME).is_file()
+
+
+def test_the_venv_is_on_path_and_the_console_script_is_installed_from_a_wheel(stages, final):
+    builder = stages[0]
+    assert builder.name and len(stages) >= 2, "a builder stage and a runtime stage"
+    run = " ".join(i.value for i in builder.all("RUN"))
+    assert re.search(r"pip wheel .*--no-deps .*\.", run), "the builder builds the project's wheel"
+    assert re.search(r"pip install \S*/isdr-\*\.whl", run), "and installs that wheel"
+    assert "[test]" not in run and ".[" not in run, "no extras (test dependencies) in the image"
+    copied = [copy_sources(i) for i in final.all("COPY")]
+    venvs = [dest for sources, dest, flags in copied if flags.get("from") == builder.name]
+    assert venvs, "the runtime stage copies the venv from the builder"
+    assert env_assignments(final)["PATH"].startswith(venvs[0].rstrip("/") + "/bin:")
+
+
+def test_exposes_the_dicom_port_and_has_no_healthcheck(final):
+    exposed = {word.split("/")[0] for i in final.all("EXPOSE") for word in i.value.split()}
+    assert "11112" in exposed
+    from relay.config import Settings
+
+    assert Settings().scp_port == 11112
+    assert not final.all("HEALTHCHECK"), "Kubernetes probes the port; no HEALTHCHECK"
+
+
+def test_no_add_and_no_secrets_baked_in(stages):
+    for stage in stages:
+        assert not stage.all("ADD"), "use COPY (ADD fetches URLs and unpacks archives)"
+        for key in env_assignments(stage):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", key), key
+
+
+# --- the build context ----------------------------------------------------------------------------
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
+    """(exclude?, regex) per .dockerignore line, in order (Docker: the last match wins)."""
+    patterns = []
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        exclude = not line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex += "(?:.*/)?"
+                i += 3
+            elif pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        patterns.append((exclude, re.compile(regex + r"\Z")))
+    return patterns
+
+
+def in_context(relative: str, patterns) -> bool:
+    """Whether Docker sends the file: a pattern matches the path or one of its parent folders."""
+    parts = relative.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    included = True
+    for exclude, regex in patterns:
+        if any(regex.match(candidate) for candidate in candidates):
+            included = not exclude
+    return included
+
+
+def context_files() -> list[str]:
+    patterns = dockerignore_patterns()
+    result = []
+    for path in REPO.rglob("*"):
+        relative = path.relative_to(REPO).as_posix()
+        if relative.startswith((".git/", ".venv/")) or not path.is_file():
+            continue
+        if in_context(relative, patterns):
+            result.append(relative)
+    return sorted(result)
+
+
+def test_dockerignore_matcher():
+    patterns = [(True, re.compile(r"[^/]*\Z")), (False, re.compile(r"relay\Z")),
+                (True, re.compile(r"(?:.*/)?__pycache__\Z"))]
+    assert in_context("relay/cli.py", patterns)
+    assert not in_context("relay/__pycache__/cli.cpython-311.pyc", patterns)
+    assert not in_context("tests/unit/test_x.py", patterns)
+    assert not in_context("isdr-data/series/1.2/1.2/1.dcm", patterns)
+
+
+def test_the_build_context_holds_what_the_build_needs_and_nothing_else():
+    files = context_files()
+    tops = {f.split("/")[0] for f in files}
+    # what the Dockerfile copies and pyproject.toml packages
+    assert {"pyproject.toml", "README.md", "crds", "relay"} <= tops
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["readme"] in files
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        root = pattern.rstrip("*").rstrip(".")
+        packages = [p for p in REPO.iterdir() if p.is_dir() and (p / "__init__.py").is_file()
+                    and re.fullmatch(re.escape(root) + r".*", p.name)]
+        for package in packages:
+            assert f"{package.name}/__init__.py" in files, f"{package.name}/ is packaged but not in .dockerignore's allow-list"
+    # never the test suite, the venv, git, caches or local data
+    assert not tops & {"tests", ".venv", ".git", "isdr-data", "demo-data", "benchmark-data", "charts", "docs"}
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+
+
+def test_every_copy_source_is_in_the_context(stages):
+    files = context_files()
+    for stage in stages:
+        for instruction in stage.all("COPY"):
+            sources, _, flags = copy_sources(instruction)
+            if "from" in flags:
+                continue
+            for source in sources:
+                source = source.rstrip("/")
+                if source == ".":
+                    continue
+                assert any(f == source or f.startswith(source + "/") for f in files), \
+                    f"line {instruction.line}: COPY {source} is not in the build context"
+
+
+def test_the_builder_stage_builds_the_wheel_from_the_context(tmp_path):
+    """The builder's `pip wheel --no-deps .`, run on a copy of exactly the build context."""
+    context = tmp_path / "context"
+    for relative in context_files():
+        target = context / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / relative).read_bytes())
+    dist = tmp_path / "dist"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dist), "."],
+        cwd=context, capture_output=True, text=True, timeout=240, check=False,
+    )
+    if result.returncode != 0 and "Could not find a version that satisfies" in result.stderr:
+        from tests.support.processes import missing
+
+        missing("PyPI (pip needs setuptools to build the wheel)")
+    assert result.returncode == 0, result.stderr
+    (wheel,) = dist.glob("isdr-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        assert "isdr = relay.cli:main" in archive.read(entry_points).decode()
+    assert "relay/cli.py" in names
+    assert not [n for n in names if n.startswith("tests/")]
