@@ -71,11 +71,43 @@ def _add_run(subparsers) -> None:
     parser.set_defaults(func=_cmd_run)
 
 
+def _add_operator(subparsers) -> None:
+    # The control plane lives in its own package (operator/isdr_operator); its heavier imports
+    # (kopf) load only when the command runs.
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the Kubernetes operator (Fingerprints, DicomSeries, one Job per inference task)",
+        description="Reconcile Fingerprint and DicomSeries resources in one namespace: decide when "
+        "a series is complete, match it, run one Job per match, and report on the resources.",
+    )
+    parser.add_argument("--namespace", help="namespace to operate in (default: POD_NAMESPACE, "
+                        "the kubeconfig's context, or default)")
+    parser.add_argument("--peering", default="isdr",
+                        help="KopfPeering object that keeps a single operator active (default: isdr)")
+    parser.add_argument("--standalone", action="store_true",
+                        help="run without peering (development only: nothing stops a second operator)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--liveness", metavar="URL",
+                        help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+
+    def run(args) -> int:
+        from isdr_operator.command import run_operator
+
+        return run_operator(args)
+
+    parser.set_defaults(func=run)
+
+
 def _more_subcommands(subparsers) -> None:
     from relay.emulator.cli import add_parser as add_emulator
     from relay.fingerprints.commands import add_parser as add_fingerprint
+    from relay.kube.job_command import add_parser as add_job
+    from relay.kube.scp_command import add_parser as add_scp
     from relay.synthetic import add_parser as add_sample
 
+    add_scp(subparsers)
+    _add_operator(subparsers)
+    add_job(subparsers)
     add_fingerprint(subparsers)
     add_emulator(subparsers)
     add_sample(subparsers)

@@ -74,6 +74,8 @@ class Settings:
     post_after: float = 10.0  # a series is complete after this long without a new instance
     delete_on_post: bool = True  # delete a series' instances once its tasks are done
     late_instance_policy: str = "ignore"  # ignore | rerun: instances after a dispatch
+    # How long a finished series is remembered (so that a late instance is recognised as late).
+    series_retention: float = 3600.0
 
     # --- InferenceServer (original names and defaults) ---
     cert_file: str | None = None  # CA bundle (PEM); None: the system's trust store
@@ -120,6 +122,7 @@ _ENV = {
     "POST_AFTER": ("post_after", lambda n, v: _parse_number(n, v, float, 0)),
     "DELETE_ON_POST": ("delete_on_post", _parse_bool),
     "LATE_INSTANCE_POLICY": ("late_instance_policy", lambda n, v: v.strip().lower()),
+    "SERIES_RETENTION": ("series_retention", lambda n, v: _parse_number(n, v, float, 0)),
     "CERT_FILE": ("cert_file", lambda n, v: v.strip() or None),
     "POST_TIMEOUT": ("post_timeout", lambda n, v: _parse_number(n, v, float, 1)),
     "GET_INTERVAL": ("get_interval", lambda n, v: _parse_number(n, v, float, 0.05)),
@@ -150,6 +153,15 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
     settings = Settings(**values)
     validate(settings)
     return settings
+
+
+def lifecycle_rules(settings: Settings):
+    """The life-cycle rules these settings ask for (shared by isdr run and the operator)."""
+    from relay.lifecycle import Rules
+
+    return Rules(post_after=settings.post_after, delete_on_post=settings.delete_on_post,
+                 late_instance_policy=settings.late_instance_policy,
+                 forget_after=settings.series_retention)
 
 
 def validate(settings: Settings) -> None:

@@ -137,20 +137,24 @@ def on_instance(
                         last_received=now, instance_count=1),
             None,
         )
-    counted = replace(series, instance_count=series.instance_count + 1, last_received=now)
     if series.phase == RECEIVING:
-        return counted, None
-    # The series was dispatched (or already finished): the instance is late.
+        return replace(series, instance_count=series.instance_count + 1, last_received=now), None
+    return on_late_instances(series, 1, now, rules)
+
+
+def on_late_instances(series: SeriesState, count: int, now: float, rules: Rules
+                      ) -> tuple[SeriesState, str]:
+    """`count` instances arrived after the series was dispatched (or finished)."""
+    counted = replace(series, instance_count=series.instance_count + count, last_received=now,
+                      late_instances=series.late_instances + count, cleaned=False)
     if rules.late_instance_policy == LATE_RERUN:
-        reopened = replace(counted, phase=RECEIVING, cleaned=False, finished_at=None,
-                           late_instances=series.late_instances + 1)
+        reopened = replace(counted, phase=RECEIVING, finished_at=None)
         return reopened, (
-            f"instance arrived after dispatch #{series.generation}: series re-opened "
+            f"{count} instance(s) arrived after dispatch #{series.generation}: series re-opened "
             "(LATE_INSTANCE_POLICY=rerun), it will be matched again when quiet"
         )
-    ignored = replace(counted, late_instances=series.late_instances + 1, cleaned=False)
-    return ignored, (
-        f"instance arrived after dispatch #{series.generation}: kept but not run again "
+    return counted, (
+        f"{count} instance(s) arrived after dispatch #{series.generation}: kept but not run again "
         "(LATE_INSTANCE_POLICY=ignore)"
     )
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from relay.config import Settings
+from relay.config import Settings, lifecycle_rules
 from relay.dicom.identity import identify
 from relay.dicom.receiver import Receiver
 from relay.fingerprints.loader import load_fingerprint_dir
@@ -28,7 +28,6 @@ from relay.lifecycle import (
     Dispatch,
     DropUnmatched,
     Finish,
-    Rules,
     SeriesState,
     TaskState,
     apply_cleanup,
@@ -36,7 +35,7 @@ from relay.lifecycle import (
     apply_finish,
     can_forget,
     next_step,
-    on_instance,
+    on_late_instances,
 )
 from relay.pipeline import Interrupted, PipelineSettings, TaskRunner, TaskSpec
 from relay.registry import SeriesRegistry
@@ -88,11 +87,7 @@ class Relay:
     def __init__(self, settings: Settings, storage: Storage | None = None):
         self.settings = settings
         self.storage = storage or open_storage(settings)
-        self.rules = Rules(
-            post_after=settings.post_after,
-            delete_on_post=settings.delete_on_post,
-            late_instance_policy=settings.late_instance_policy,
-        )
+        self.rules = lifecycle_rules(settings)
         self.registry = SeriesRegistry(SeriesStore(self.storage), self.rules)
         self.fingerprints = FingerprintSource(settings.fingerprint_dir)
         self.receiver = Receiver(settings, self.storage, self.registry)
@@ -157,8 +152,8 @@ class Relay:
             # Instances acknowledged after the dispatch but before their note was persisted.
             late = set(uids) - set(series.dispatched_instances)
             if series.phase != RECEIVING and late and not series.late_instances:
-                for uid in sorted(late):
-                    series, _ = on_instance(series, key, series.attributes, uid, now, self.rules)
+                series, note = on_late_instances(series, len(late), now, self.rules)
+                log.warning("series %s: %s", key.series_uid, note)
                 self.registry.put(series)
         resumed = 0
         for series in self.registry.snapshot():

@@ -1,0 +1,198 @@
+"""`isdr scp`: the receiver of the Kubernetes mode.
+
+The same C-STORE SCP as `isdr run` (relay.dicom.receiver), writing to the storage the settings
+name (a shared folder or S3), with a SeriesPublisher as its sink: one DicomSeries custom resource
+per series, kept up to date while instances arrive. SIGTERM/SIGINT stop accepting associations,
+let running ones finish for a moment, and publish what is still pending before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from relay.config import ENV_VARIABLES, ConfigError, load_settings
+
+log = logging.getLogger("relay.scp")
+
+# The settings that concern the receiver (the rest of ENV_VARIABLES is the operator's and Jobs').
+_RECEIVER_VARIABLES = tuple(
+    name for name in ENV_VARIABLES
+    if name.startswith(("SCP_", "S3_")) or name in (
+        "PYNETDICOM_LOG_LEVEL", "LOG_LEVEL", "INCOMING_DIR", "STORAGE", "MIN_FREE_BYTES")
+)
+
+_EPILOG = """\
+Kubernetes: inside a pod the pod's service account is used, elsewhere KUBECONFIG (or
+~/.kube/config). The namespace is --namespace, else POD_NAMESPACE, else the service account's or
+the kubeconfig context's namespace, else "default". POD_NAME names this replica in
+status.receivedBy (default: the host name).
+
+Storage (where Jobs find the instances; every replica must use the same one):
+  STORAGE=local with INCOMING_DIR on a ReadWriteMany volume, or
+  STORAGE=s3 with S3_BUCKET, S3_PREFIX, S3_ENDPOINT_URL and the AWS_* credentials.
+
+Every DicomSeries is written at most about once a second while it is receiving, plus once when
+an association that sent to it ends. If the API server is unreachable, instances are still
+received and stored; their series are published when it is back.
+
+Settings come from environment variables (the receiver's share of `isdr run`'s):
+  {names}
+  POD_NAME POD_NAMESPACE KUBECONFIG
+Flags given here win over the environment.
+
+example:
+  POD_NAME=receiver-0 STORAGE=local INCOMING_DIR=/data isdr scp --namespace isdr --port 11112
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "scp",
+        help="receive DICOM into shared storage and publish DicomSeries (Kubernetes mode)",
+        description="Run the DICOM receiver (C-STORE SCP) of the Kubernetes mode: store every "
+        "instance in the shared storage, then create or update one DicomSeries custom resource per "
+        "series (its UIDs, the attributes fingerprints match on, where its instances are, the "
+        "instance count and the last-received time) for the operator to act on.",
+        epilog=_EPILOG.format(names=" ".join(_RECEIVER_VARIABLES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--namespace", help="namespace of the DicomSeries (default: see below)")
+    parser.add_argument("--host", help="address to listen on (SCP_HOSTNAME)")
+    parser.add_argument("--port", type=int, help="DICOM port to listen on (SCP_PORT)")
+    parser.add_argument("--ae-title", help="the receiver's AE title (SCP_AE_TITLE)")
+    parser.add_argument("--incoming-dir", type=Path, help="storage root for STORAGE=local (INCOMING_DIR)")
+    parser.add_argument("--kubeconfig", help="use this kubeconfig file instead of KUBECONFIG / in-cluster")
+    parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM, wait this long for running associations to finish, then "
+                        "abort them (default: %(default)s)")
+    parser.add_argument("--flush-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM, keep trying this long to publish pending series "
+                        "(default: %(default)s)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    from relay.cli import setup_logging
+
+    try:
+        settings = load_settings(
+            scp_port=args.port,
+            scp_ae_title=args.ae_title,
+            scp_hostname=args.host,
+            incoming_dir=args.incoming_dir,
+        )
+    except ConfigError as exc:
+        print(f"isdr scp: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    return serve(settings, namespace=args.namespace, kubeconfig=args.kubeconfig,
+                 drain_timeout=args.drain_timeout, flush_timeout=args.flush_timeout)
+
+
+def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = None,
+          drain_timeout: float = 10.0, flush_timeout: float = 10.0, stop: threading.Event | None = None) -> int:
+    """Receive and publish until `stop` is set (by default: until SIGTERM or SIGINT)."""
+    from relay.dicom.receiver import Receiver
+    from relay.kube.client import KubeConfigError, connect
+    from relay.kube.publisher import KubeSeriesApi, SeriesPublisher
+    from relay.storage import StorageError, open_storage
+
+    try:
+        connection = connect(namespace, kubeconfig=kubeconfig)
+    except KubeConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        storage = open_storage(settings)
+    except (StorageError, OSError) as exc:
+        log.error("cannot open the storage: %s", exc)
+        return 1
+    api = KubeSeriesApi(connection.api_client, connection.namespace)
+    publisher = SeriesPublisher(api, storage, settings, namespace=connection.namespace)
+    receiver = Receiver(settings, storage, publisher)
+
+    if stop is None:
+        stop = threading.Event()
+
+        def _signal(signum, _frame):
+            log.info("received signal %d: stopping", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+
+    publisher.start()
+    try:
+        receiver.start()
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot start: %s", exc)
+        publisher.stop(timeout=0)
+        connection.close()
+        return 1
+    log.info("publishing DicomSeries to namespace %s at %s as %s", connection.namespace, connection.server,
+             publisher.pod_name)
+    try:
+        _probe(api, connection)  # after the receiver is up: an API that hangs must not delay receiving
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server = getattr(receiver, "_server", None)
+        receiver.stop()  # no new associations
+        _drain(server, drain_timeout)
+        publisher.stop(timeout=flush_timeout)
+        connection.close()
+        log.info("stopped (%d instances stored, %d refused)", receiver.stored, receiver.refused)
+    return 0
+
+
+def _drain(server, timeout: float) -> None:
+    """Let associations that are still running finish, so that their series get the final flush.
+
+    Only established associations count: a bare TCP connection (a probe, a port scan) also gets an
+    acceptor thread, which waits for an A-ASSOCIATE-RQ that never comes."""
+    if server is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            running = [a for a in server.active_associations if a.is_alive() and a.is_established]
+        except Exception:  # noqa: BLE001 - pynetdicom internals; draining is best effort
+            return
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    # Abort the rest: an instance acknowledged after the final flush would never be published.
+    log.warning("aborting %d associations still running after %.0fs (their senders resend what was not "
+                "acknowledged)", len(running), timeout)
+    for association in running:
+        try:
+            association.abort()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    for association in running:
+        association.join(timeout=5)  # its last instance_stored has run before the final flush
+
+
+def _probe(api, connection) -> None:
+    """Say early (but do not refuse to start) when the API is unreachable or forbids us DicomSeries."""
+    from relay.kube.publisher import ApiError, ApiUnavailable, NotFound
+
+    try:
+        api.list_one()
+    except ApiUnavailable as exc:
+        log.warning("cannot reach the Kubernetes API at %s yet (%s): receiving anyway; series are "
+                    "published once it answers", connection.server, exc)
+    except NotFound:
+        log.error("the API at %s does not serve dicomseries.isdr.io: is the CRD installed?", connection.server)
+    except ApiError as exc:
+        log.error("the API at %s refuses to list DicomSeries in namespace %s (%s): check the RBAC rules",
+                  connection.server, connection.namespace, exc)
