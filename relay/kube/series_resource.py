@@ -96,5 +96,5 @@ def series_state(body: dict) -> SeriesState:
         late_instances=int(status.get("lateInstances") or 0),
         tasks=tasks,
         finished_at=from_rfc3339(status.get("completedTime")),
-        cleaned=bool(status.get("instancesDeleted") or status.get("cleaned")),
+        cleaned=bool(status.get("instancesDeleted")),
     )

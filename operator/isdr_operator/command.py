@@ -1,0 +1,42 @@
+"""`isdr operator`: start kopf with ISDR's handlers for one namespace."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from relay.config import ConfigError
+from relay.kube.client import KubeConfigError, connect
+
+log = logging.getLogger("isdr_operator")
+
+
+def run_operator(args) -> int:
+    import kopf
+
+    from relay.cli import setup_logging
+
+    from isdr_operator import handlers
+    from isdr_operator.kube_api import OperatorApi
+    from isdr_operator.runtime import Runtime
+    from isdr_operator.settings import load_operator_settings
+
+    try:
+        connection = connect(args.namespace, kubeconfig=args.kubeconfig)
+        settings = load_operator_settings(connection.namespace)
+    except (ConfigError, KubeConfigError, ValueError) as exc:
+        print(f"isdr operator: {exc}")
+        return 2
+    setup_logging(settings.relay.log_level)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same kubeconfig
+    handlers.RUNTIME = Runtime(OperatorApi(connection.api_client, settings.namespace), settings)
+    log.info("starting in namespace %s (API %s, %s)", settings.namespace, connection.server,
+             "standalone" if args.standalone else f"peering {args.peering}")
+    kopf.run(
+        namespaces=[settings.namespace],
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        liveness_endpoint=args.liveness,
+    )
+    return 0

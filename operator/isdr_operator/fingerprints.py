@@ -1,0 +1,79 @@
+"""Fingerprint resources: are they usable (Ready), and the set the operator matches against."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest, validate_fingerprint
+from relay.fingerprints.model import Fingerprint
+
+from isdr_operator.conditions import condition
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    fingerprint: Fingerprint | None  # None when the spec cannot be used at all
+    ready: bool
+    reason: str
+    message: str
+
+
+def evaluate(body: dict, ca_problem: Callable[[str, str, str], str | None]) -> Evaluation:
+    """Whether a Fingerprint can be used. `ca_problem(kind, name, key)` says what is wrong with
+    a CA bundle reference (None: it resolves)."""
+    name = body["metadata"]["name"]
+    namespace = body["metadata"].get("namespace", "")
+    try:
+        fingerprint = fingerprint_from_manifest(body, source=f"{namespace}/{name}")
+    except FingerprintError as exc:
+        return Evaluation(None, False, "InvalidSpec", str(exc))
+    problems = validate_fingerprint(fingerprint)
+    if problems:
+        reason = "InvalidRegex" if any("regular expression" in p or "regex" in p for p in problems) \
+            else "InvalidSpec"
+        return Evaluation(fingerprint, False, reason, "; ".join(problems))
+    ca = (body["spec"]["inferenceServer"].get("caBundle") or {})
+    if "path" in ca:
+        return Evaluation(fingerprint, False, "UnsupportedCABundle",
+                          "caBundle.path names a file on the relay's machine, which Jobs do not "
+                          "have: use caBundle.configMapKeyRef or caBundle.secretKeyRef")
+    for field, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+        if field in ca:
+            problem = ca_problem(kind, ca[field]["name"], ca[field]["key"])
+            if problem:
+                return Evaluation(fingerprint, False, "CABundleNotFound", problem)
+    server = fingerprint.inference_server
+    return Evaluation(fingerprint, True, "Valid",
+                      f"series matching it go to model {server.model} at {server.url} ({server.protocol})")
+
+
+def ready_condition(evaluation: Evaluation, generation: int | None) -> dict:
+    return condition("Ready", evaluation.ready, evaluation.reason, evaluation.message, generation)
+
+
+class FingerprintSet:
+    """The Fingerprints the operator knows, with their raw bodies (Jobs carry a snapshot)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[Evaluation, dict]] = {}
+        self.loaded = threading.Event()  # set once the first full listing is in
+
+    def put(self, body: dict, evaluation: Evaluation) -> None:
+        with self._lock:
+            self._items[body["metadata"]["name"]] = (evaluation, body)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._items.pop(name, None)
+
+    def ready(self) -> list[Fingerprint]:
+        with self._lock:
+            return [e.fingerprint for e, _ in self._items.values() if e.ready and e.fingerprint]
+
+    def body(self, name: str) -> dict | None:
+        with self._lock:
+            item = self._items.get(name)
+            return item[1] if item else None

@@ -1,0 +1,62 @@
+"""kopf handlers: thin, they only route watch events to the driver and the scheduler.
+
+Only event handlers are used (no change handlers, daemons or timers): kopf then stores nothing on
+the objects and adds no finalizer, so nothing blocks the deletion of a Fingerprint or DicomSeries
+while the operator is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from relay.kube.series_resource import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+
+from isdr_operator.runtime import Runtime
+
+log = logging.getLogger("isdr_operator")
+
+# Set by isdr_operator.command before kopf starts.
+RUNTIME: Runtime | None = None
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_) -> None:
+    settings.scanning.disabled = True  # namespaced: no cluster-wide CRD listing (no ClusterRole)
+    # Watches end and restart on the server side every few minutes, so that a connection that
+    # died silently (a NAT timeout, an API server restart) is noticed.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.enabled = False  # the driver posts its own Events, with reasons
+    settings.persistence.finalizer = "isdr.io/operator"  # never added: no deletion handlers
+    await asyncio.to_thread(RUNTIME.start)
+
+
+@kopf.on.cleanup()
+async def shutdown(**_) -> None:
+    await asyncio.to_thread(RUNTIME.stop)
+
+
+@kopf.on.event(GROUP, VERSION, "fingerprints")
+async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's keyword
+    await asyncio.to_thread(RUNTIME.fingerprint_event, type, dict(body))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def series_event(type, name, **_) -> None:  # noqa: A002
+    if type == "DELETED":
+        RUNTIME.scheduler.forget(name)
+    else:
+        RUNTIME.scheduler.poke(name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def job_event(type, body, **_) -> None:  # noqa: A002
+    if type == "DELETED":
+        return
+    series = await asyncio.to_thread(RUNTIME.driver.job_changed, dict(body))
+    if series:
+        RUNTIME.scheduler.poke(series)

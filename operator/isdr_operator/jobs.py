@@ -1,0 +1,169 @@
+"""One Kubernetes Job per inference task, built as plain data by a pure function.
+
+The Job's name is the task id (deterministic: the same series, fingerprint and dispatch give
+the same name), so creating it again after an operator restart is a no-op (409 AlreadyExists).
+The pod gets no API access: it reads the instances from storage and records its progress there.
+"""
+
+from __future__ import annotations
+
+import json
+
+from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
+from relay.kube.series_resource import (
+    LABEL_FINGERPRINT,
+    LABEL_MANAGED_BY,
+    LABEL_SERIES,
+    LABEL_TASK,
+    MANAGED_BY,
+)
+from relay.lifecycle import TaskState
+from relay.uids import SeriesKey
+
+from isdr_operator.settings import JobSettings
+
+CONTAINER = "task"
+CA_MOUNT = "/etc/isdr/fingerprint-ca"
+RELAY_CA_MOUNT = "/etc/isdr/ca"  # where the chart points CERT_FILE
+ANNOTATION_SERIES_UID = "isdr.io/series-instance-uid"
+
+
+def job_labels(series_name: str, fingerprint: str, task_id: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "isdr",
+        "app.kubernetes.io/component": "inference-task",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_SERIES: series_name,
+        LABEL_FINGERPRINT: fingerprint,
+        LABEL_TASK: task_id,
+    }
+
+
+def fingerprint_snapshot(body: dict) -> dict:
+    """The parts of a Fingerprint resource a task needs (no status, no managed fields)."""
+    return {
+        "apiVersion": body.get("apiVersion", "isdr.io/v1alpha1"),
+        "kind": "Fingerprint",
+        "metadata": {"name": body["metadata"]["name"]},
+        "spec": body["spec"],
+    }
+
+
+def active_deadline(fingerprint_body: dict, relay_get_timeout: float, settings: JobSettings) -> int:
+    timeout = fingerprint_body["spec"]["inferenceServer"].get("timeoutSeconds") or relay_get_timeout
+    return int(timeout) + settings.deadline_margin
+
+
+def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_body: dict,
+              settings: JobSettings, relay_get_timeout: float, owner: dict | None = None) -> dict:
+    labels = job_labels(series_name, task.fingerprint, task.task_id)
+    env = [{"name": name, "value": value} for name, value in sorted(settings.task_env.items())]
+    env.append({"name": FINGERPRINT_ENV, "value": json.dumps(fingerprint_snapshot(fingerprint_body))})
+    env_from, volumes, mounts = [], [], []
+
+    if settings.storage_pvc_claim:
+        incoming = settings.task_env.get("INCOMING_DIR", "/data")
+        volumes.append({"name": "storage",
+                        "persistentVolumeClaim": {"claimName": settings.storage_pvc_claim}})
+        mounts.append({"name": "storage", "mountPath": incoming})
+    if settings.env_configmap:
+        env_from.append({"configMapRef": {"name": settings.env_configmap}})
+    if settings.s3_credentials_secret:
+        env_from.append({"secretRef": {"name": settings.s3_credentials_secret}})
+    relay_ca = _key_volume(settings.ca_bundle_configmap, settings.ca_bundle_secret,
+                           settings.ca_bundle_key, settings.ca_bundle_key)
+    if relay_ca:
+        volumes.append({"name": "relay-ca", **relay_ca})
+        mounts.append({"name": "relay-ca", "mountPath": RELAY_CA_MOUNT, "readOnly": True})
+
+    ca_ref = (fingerprint_body["spec"]["inferenceServer"].get("caBundle") or {})
+    config_map, secret = ca_ref.get("configMapKeyRef"), ca_ref.get("secretKeyRef")
+    ref = config_map or secret or {}
+    source = _key_volume((config_map or {}).get("name"), (secret or {}).get("name"), ref.get("key"), "ca.pem")
+    if source:
+        volumes.append({"name": "fingerprint-ca", **source})
+        mounts.append({"name": "fingerprint-ca", "mountPath": CA_MOUNT, "readOnly": True})
+        env.append({"name": FINGERPRINT_CA_ENV, "value": f"{CA_MOUNT}/ca.pem"})
+
+    # A scratch folder for the archives, since the root filesystem is read-only.
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    env.append({"name": "TMPDIR", "value": "/tmp"})
+
+    resources = {"requests": {"cpu": settings.cpu_request, "memory": settings.memory_request}}
+    if settings.memory_limit:
+        resources["limits"] = {"memory": settings.memory_limit}
+
+    container = {
+        "name": CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["isdr", "job"],
+        "args": ["--task-id", task.task_id, "--series-uid", key.series_uid,
+                 "--sop-class-uid", key.sop_class_uid, "--generation", str(task.generation)],
+        "env": env,
+        "envFrom": env_from,
+        "volumeMounts": mounts,
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec = {
+        "restartPolicy": "Never",  # each retry is a new pod: the logs of every attempt stay
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if settings.service_account:
+        pod_spec["serviceAccountName"] = settings.service_account
+
+    metadata = {
+        "name": task.task_id,
+        "labels": labels,
+        "annotations": {ANNOTATION_SERIES_UID: key.series_uid},
+    }
+    if owner:
+        metadata["ownerReferences"] = [owner]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": settings.backoff_limit,
+            "activeDeadlineSeconds": active_deadline(fingerprint_body, relay_get_timeout, settings),
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            # A task that failed for good (exit 2) is not retried; a crash or a kill is.
+            "podFailurePolicy": {"rules": [{
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
+            }]},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def _key_volume(config_map: str | None, secret: str | None, key: str | None, path: str) -> dict | None:
+    """A volume source holding one key of a ConfigMap or a Secret as the file `path`."""
+    if not key or not (config_map or secret):
+        return None
+    items = [{"key": key, "path": path}]
+    if config_map:
+        return {"configMap": {"name": config_map, "items": items}}
+    return {"secret": {"secretName": secret, "items": items}}
+
+
+def job_outcome(job: dict) -> tuple[str | None, str]:
+    """('Succeeded' | 'Failed' | None, message) from a Job's conditions."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return "Succeeded", condition.get("message") or ""
+        if condition.get("type") == "Failed":
+            reason = condition.get("reason") or "Failed"
+            return "Failed", f"{reason}: {condition.get('message') or ''}".strip(": ")
+    return None, ""

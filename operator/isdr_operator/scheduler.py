@@ -1,0 +1,82 @@
+"""When each DicomSeries needs its next look: one thread, one heap, no per-object timers.
+
+kopf's daemons and timers put a finalizer on every object they run for, which would block the
+deletion of a DicomSeries whenever the operator is down. Instead, watch events and the driver's
+own answers ("look again in 3.2 s") feed this scheduler, and one worker thread takes the steps.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("isdr_operator.scheduler")
+
+
+class Scheduler:
+    def __init__(self, step: Callable[[str], float | None], clock=time.monotonic,
+                 retry_after_error: float = 5.0):
+        self._step = step
+        self._clock = clock
+        self._retry_after_error = retry_after_error
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}  # name -> the earliest time it is wanted
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def poke(self, name: str, delay: float = 0.0) -> None:
+        """Look at `name` after `delay` seconds (or sooner if it is already due sooner)."""
+        at = self._clock() + max(0.0, delay)
+        with self._cond:
+            if name in self._due and self._due[name] <= at:
+                return
+            self._due[name] = at
+            heapq.heappush(self._heap, (at, name))
+            self._cond.notify()
+
+    def forget(self, name: str) -> None:
+        with self._cond:
+            self._due.pop(name, None)
+
+    def _next(self) -> str | None:
+        with self._cond:
+            while not self._stopped:
+                while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded by an earlier poke, or forgotten
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                at, name = self._heap[0]
+                wait = at - self._clock()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                del self._due[name]
+                return name
+            return None
+
+    def run(self) -> None:
+        while (name := self._next()) is not None:
+            try:
+                again = self._step(name)
+            except Exception:  # one broken series must not stop the others
+                log.exception("step for %s failed; retrying in %.0fs", name, self._retry_after_error)
+                again = self._retry_after_error
+            if again is not None:
+                self.poke(name, again)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="series-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,127 @@
+"""`isdr job`: the entry point of an inference task's Kubernetes Job.
+
+It runs the core's task pipeline for one (series, fingerprint) and tells its story on stdout,
+one line per step, so that `kubectl logs job/<name>` explains what happened. Exit codes:
+  0  the predictions reached every destination
+  2  the task failed for good (the InferenceServer said so, a destination refused, ...): the
+     Job's podFailurePolicy fails the Job at once instead of retrying
+  1  anything else (killed, crashed, shut down): the Job controller starts a new pod, which
+     resumes from the task's record, polling a task the InferenceServer already accepted
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+
+from relay.config import ConfigError, load_settings
+from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest
+from relay.kube.task_store import TaskStore
+from relay.lifecycle import TASK_FAILED, TASK_SUCCEEDED, TaskState
+from relay.pipeline import Interrupted, PipelineSettings, TaskRunner, TaskSpec
+from relay.storage import StorageError, open_storage
+from relay.uids import InvalidUID, SeriesKey, parse_instance_key
+
+EXIT_OK, EXIT_RETRY, EXIT_FAILED = 0, 1, 2
+
+# The operator passes the fingerprint as it was when the task was dispatched, so that editing
+# or deleting the Fingerprint does not change a task that is already running.
+FINGERPRINT_ENV = "ISDR_FINGERPRINT"
+# Where the fingerprint's CA bundle (a ConfigMap or Secret key) is mounted, if it has one.
+FINGERPRINT_CA_ENV = "ISDR_FINGERPRINT_CA_FILE"
+
+
+def say(line: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", flush=True)
+
+
+def _fingerprint():
+    raw = os.environ.get(FINGERPRINT_ENV)
+    if not raw:
+        raise FingerprintError(f"{FINGERPRINT_ENV} is not set: the Job must carry its fingerprint")
+    manifest = json.loads(raw)
+    fingerprint = fingerprint_from_manifest(manifest, source="the Job's fingerprint")
+    ca_file = os.environ.get(FINGERPRINT_CA_ENV)
+    if ca_file:
+        from dataclasses import replace
+
+        fingerprint = replace(fingerprint,
+                              inference_server=replace(fingerprint.inference_server, ca_bundle=ca_file))
+    return fingerprint
+
+
+def run_job(args) -> int:
+    try:
+        settings = load_settings()
+        key = SeriesKey(args.series_uid, args.sop_class_uid)
+        fingerprint = _fingerprint()
+    except (ConfigError, InvalidUID, FingerprintError, ValueError) as exc:
+        say(f"cannot start: {exc}")
+        return EXIT_FAILED
+    storage = open_storage(settings)
+    store = TaskStore(storage, args.task_id)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    try:
+        loaded = store.load()
+        if loaded is None:
+            instances = tuple(sorted(
+                parsed[1] for info in storage.list(key.prefix)
+                if (parsed := parse_instance_key(info.key)) is not None and parsed[0] == key
+            ))
+            state = TaskState(task_id=args.task_id, fingerprint=fingerprint.name,
+                              generation=args.generation, updated_at=time.time())
+            store.save(state, instances)
+            say(f"task {args.task_id}: series {key.series_uid}, fingerprint {fingerprint.name}, "
+                f"model {fingerprint.inference_server.model}")
+        else:
+            state, instances = loaded
+            say(f"task {args.task_id}: resuming from phase {state.phase}")
+    except StorageError as exc:
+        say(f"storage unavailable: {exc}")
+        return EXIT_RETRY
+
+    if state.phase == TASK_SUCCEEDED:
+        say("the task already succeeded; nothing to do")
+        return EXIT_OK
+    if state.phase == TASK_FAILED:
+        say(f"the task already failed: {state.message}")
+        return EXIT_FAILED
+
+    runner = TaskRunner(
+        storage,
+        PipelineSettings.from_settings(settings),
+        save=lambda task: store.save(task, instances),
+        say=say,
+        should_stop=stop.is_set,
+    )
+    spec = TaskSpec(task_id=args.task_id, series=key, instance_uids=instances, fingerprint=fingerprint)
+    try:
+        final = runner.run(spec, state)
+    except Interrupted:
+        say("stopped; a retried pod resumes from here")
+        return EXIT_RETRY
+    if final.phase == TASK_SUCCEEDED:
+        return EXIT_OK
+    say(f"failed: {final.message}")
+    return EXIT_FAILED
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "job",
+        help="run one inference task (the entry point of the operator's Jobs)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task-id", required=True, help="the task's id (also the Job's name)")
+    parser.add_argument("--series-uid", required=True, help="SeriesInstanceUID of the series")
+    parser.add_argument("--sop-class-uid", required=True, help="SOP Class UID of the series")
+    parser.add_argument("--generation", type=int, default=1, help="which dispatch of the series this is")
+    parser.set_defaults(func=run_job)
+    return parser

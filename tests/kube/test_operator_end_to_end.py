@@ -1,0 +1,386 @@
+"""The Kubernetes mode end to end, against a real control plane.
+
+kube-apiserver, etcd and kube-controller-manager (the real Job controller) run as processes; the
+local node agent runs each Job's pod (`isdr job`) as a local process with the PVC mapped to a
+shared folder. `isdr scp` and `isdr operator` run as processes too, dcmtk's storescu sends,
+the InferenceServer emulator infers and dcmtk's storescp receives the predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.kube.series_resource import GROUP, LABEL_SERIES, PLURAL, VERSION, resource_name
+from relay.synthetic import write_ct_series
+from relay.uids import SeriesKey
+from tests.support.dicom_peers import StoreSCP, storescu
+from tests.support.emulator import EmulatorProcess
+from tests.support.processes import ManagedProcess, free_port, require_dcmtk, wait_for_port
+
+pytestmark = pytest.mark.kube
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLAIM = "isdr-data"
+
+
+def wait_until(condition, timeout=90.0, what="condition", interval=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Relay:
+    """isdr scp + isdr operator for one namespace, sharing the PVC folder the Jobs mount."""
+
+    def __init__(self, cluster, agent, namespace: str, workdir: Path, env: dict | None = None):
+        self.cluster, self.agent, self.namespace, self.workdir = cluster, agent, namespace, workdir
+        self.storage_dir = agent.pvc_path(CLAIM, namespace)
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.scp_port = free_port()
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("KUBERNETES_SERVICE_HOST", "STORAGE", "S3_BUCKET", "INCOMING_DIR")}
+        self.env = {
+            **base,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "POD_NAMESPACE": namespace,
+            "INCOMING_DIR": str(self.storage_dir),
+            "SCP_PORT": str(self.scp_port),
+            "SCP_AE_TITLE": "ISDR",
+            "POST_AFTER": "1",
+            "GET_INTERVAL": "0.3",
+            "NOT_FOUND_GRACE": "10",
+            "DELIVERY_TIMEOUT": "60",
+            "SERIES_RETENTION": "600",
+            "STORAGE_PVC_CLAIM": CLAIM,
+            "JOB_IMAGE": "isdr:test",
+            "JOB_BACKOFF_LIMIT": "2",
+            "JOB_TTL_SECONDS_AFTER_FINISHED": "600",
+            "LOG_LEVEL": "INFO",
+            **(env or {}),
+        }
+        self.scp = self.operator = None
+        self.operator_starts = 0
+
+    def start(self) -> "Relay":
+        self.scp = ManagedProcess([sys.executable, "-m", "relay.cli", "scp", "--namespace", self.namespace],
+                                  self.workdir / "scp.log", env=self.env, cwd=REPO_ROOT)
+        wait_for_port(self.scp_port, process=self.scp.popen, timeout=60)
+        self.start_operator()
+        return self
+
+    def start_operator(self) -> None:
+        self.operator_starts += 1
+        self.operator = ManagedProcess(
+            [sys.executable, "-m", "relay.cli", "operator", "--namespace", self.namespace, "--peering", "isdr"],
+            self.workdir / f"operator-{self.operator_starts}.log", env=self.env, cwd=REPO_ROOT)
+        wait_until(lambda: "operator ready" in self.operator_log() or self.operator.poll() is not None,
+                   60, "the operator to start")
+        assert self.operator.poll() is None, self.operator_log()
+
+    def operator_log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
+
+    def stop(self) -> None:
+        for process in (self.operator, self.scp):
+            if process is not None:
+                process.stop(timeout=20)
+
+    def send(self, files) -> float:
+        result = storescu(self.scp_port, files, called_ae="ISDR")
+        assert result.returncode == 0, result.stdout
+        return time.time()
+
+    # --- reading the cluster ---
+
+    def series(self, key: SeriesKey) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.cluster.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                                     resource_name(key))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def fingerprint(self, name: str) -> dict:
+        return self.cluster.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "fingerprints",
+                                                                 name)
+
+    def jobs(self, key: SeriesKey) -> list:
+        return self.cluster.batch.list_namespaced_job(
+            self.namespace, label_selector=f"{LABEL_SERIES}={resource_name(key)}").items
+
+    def events(self, name: str) -> list:
+        return [e for e in self.cluster.core.list_namespaced_event(self.namespace).items
+                if e.involved_object.name == name]
+
+    def wait_series_phase(self, key: SeriesKey, phases, timeout=120.0) -> dict:
+        phases = (phases,) if isinstance(phases, str) else phases
+        return wait_until(lambda: (s := self.series(key)) and (s.get("status") or {}).get("phase") in phases and s,
+                          timeout, f"series phase {phases}\n--- operator log ---\n{self.operator_log()[-3000:]}")
+
+    def stored(self) -> list[Path]:
+        found = []
+        for folder, _dirs, files in os.walk(self.storage_dir / "series"):
+            found.extend(Path(folder) / f for f in files)
+        return found
+
+    def apply(self, manifest: dict):
+        return self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest),
+                                    check=False)
+
+
+def fingerprint_manifest(name, emulator, pacs, model="toy", modality="^CT$", **server):
+    return {
+        "apiVersion": "isdr.io/v1alpha1",
+        "kind": "Fingerprint",
+        "metadata": {"name": name},
+        "spec": {
+            "match": {"modality": modality},
+            "inferenceServer": {"url": emulator.base_url, "protocol": "v2", "model": model, **server},
+            "destinations": [{"host": "127.0.0.1", "port": pacs.port, "aeTitle": pacs.ae_title}],
+        },
+    }
+
+
+@pytest.fixture
+def peers(tmp_path):
+    require_dcmtk("storescp")
+    emulator = EmulatorProcess(tmp_path / "emulator", tls=False, delay=1.0)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    yield emulator, pacs
+    pacs.stop()
+    emulator.stop()
+
+
+@pytest.fixture
+def relay(kube_cluster, node_agent, kube_namespace, tmp_path):
+    if node_agent is None:
+        pytest.skip("these tests run Job pods through the local node agent")
+    kube_cluster.custom.create_namespaced_custom_object(
+        "kopf.dev", "v1", kube_namespace, "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "isdr"}})
+    made = []
+
+    def make(**env) -> Relay:
+        r = Relay(kube_cluster, node_agent, kube_namespace, tmp_path / f"relay{len(made)}", env)
+        r.workdir.mkdir(parents=True, exist_ok=True)
+        made.append(r)
+        return r.start()
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def key_of(files) -> SeriesKey:
+    import pydicom
+
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return SeriesKey(ds.SeriesInstanceUID, ds.SOPClassUID)
+
+
+def test_fingerprint_to_predictions_through_one_job(kube_cluster, relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    assert r.apply(fingerprint_manifest("ct-organs", emulator, pacs)).returncode == 0
+    wait_until(lambda: any(c["type"] == "Ready" and c["status"] == "True"
+                           for c in (r.fingerprint("ct-organs").get("status") or {}).get("conditions", [])),
+               30, "the Fingerprint to be Ready")
+    files = write_ct_series(tmp_path / "ct", count=6, rows=32, cols=32,
+                            patient_name="Zebra^Quentin", patient_id="PID-4711-XYZ")
+    key = key_of(files)
+
+    last_sent = r.send(files)
+
+    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job for the series")
+    dispatch_delay = job.metadata.creation_timestamp.timestamp() - last_sent
+    labels = job.metadata.labels
+    assert labels["isdr.io/fingerprint"] == "ct-organs" and labels[LABEL_SERIES] == resource_name(key)
+    assert job.spec.backoff_limit == 2 and job.spec.ttl_seconds_after_finished == 600
+    assert job.spec.active_deadline_seconds > 0
+    kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=120)
+
+    (prediction,) = pacs.wait_for_files(1)
+    import pydicom
+    assert pydicom.dcmread(prediction).Modality == "RTSTRUCT"
+    series = r.wait_series_phase(key, "Succeeded")
+    (task,) = series["status"]["tasks"]
+    assert task["phase"] == "Succeeded" and task["inferenceTaskUID"] and task["job"] == job.metadata.name
+    assert series["status"]["progress"] == "1/1" and series["status"]["instances"] == 6
+    wait_until(lambda: (r.series(key) or {}).get("status", {}).get("instancesDeleted"), 30, "clean-up")
+    assert r.stored() == [] or all("state" in str(p) for p in r.stored())
+    fingerprint_status = wait_until(lambda: (s := r.fingerprint("ct-organs")["status"]).get("succeededTasks") and s,
+                                    30, "the fingerprint's counters")
+    assert (fingerprint_status["matchedSeries"], fingerprint_status["succeededTasks"]) == (1, 1)
+    assert {e.reason for e in r.events(resource_name(key))} >= {"Dispatched", "TaskSucceeded", "Succeeded"}
+    assert "Matched" in {e.reason for e in r.events("ct-organs")}
+
+    pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
+    story = kube_cluster.pod_log(r.namespace, pod)
+    for line in ("fetched 6 instances", "submitted 6 instances", "received 1 predictions",
+                 f"stored 1 predictions to PACS@127.0.0.1:{pacs.port}", "deleted remote task"):
+        assert line in story, story
+    everything = json.dumps(series) + r.operator_log() + story + json.dumps(job.to_dict(), default=str)
+    assert "Zebra" not in everything and "PID-4711" not in everything
+    assert emulator.stats()["submits"] == 1
+    import re
+    from datetime import datetime
+    stamp = re.search(r"^(\S+ \S+) INFO +isdr_operator.series: series \S+: created Job", r.operator_log(), re.M)
+    created = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    print(f"\nlast instance acknowledged -> Job created: {created - last_sent:.2f}s with POST_AFTER=1s "
+          f"(creationTimestamp: {dispatch_delay:.0f}s, whole seconds)")
+
+
+def test_invalid_fingerprints_are_refused_or_not_ready(relay, peers):
+    emulator, pacs = peers
+    r = relay()
+    bad_port = fingerprint_manifest("bad-port", emulator, pacs)
+    bad_port["spec"]["destinations"][0]["port"] = 70000
+    refused = r.apply(bad_port)
+    assert refused.returncode != 0 and "65535" in (refused.stdout + refused.stderr)
+
+    bad_regex = fingerprint_manifest("bad-regex", emulator, pacs, modality="CT(")
+    assert r.apply(bad_regex).returncode == 0
+    condition = wait_until(lambda: next((c for c in (r.fingerprint("bad-regex").get("status") or {})
+                                         .get("conditions", []) if c["type"] == "Ready"), None),
+                           30, "a Ready condition")
+    assert condition["status"] == "False" and condition["reason"] == "InvalidRegex"
+
+    missing_ca = fingerprint_manifest("missing-ca", emulator, pacs,
+                                      caBundle={"configMapKeyRef": {"name": "nowhere", "key": "ca.pem"}})
+    assert r.apply(missing_ca).returncode == 0
+    condition = wait_until(lambda: next((c for c in (r.fingerprint("missing-ca").get("status") or {})
+                                         .get("conditions", []) if c["type"] == "Ready"), None),
+                           30, "a Ready condition")
+    assert condition["status"] == "False" and condition["reason"] == "CABundleNotFound"
+
+
+def test_failing_model_fails_the_job_and_reports_the_reason(kube_cluster, relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    r.apply(fingerprint_manifest("broken", emulator, pacs, model="fail"))
+    files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+    key = key_of(files)
+    wait_until(lambda: r.fingerprint("broken").get("status"), 30, "the fingerprint to be seen")
+
+    r.send(files)
+
+    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+    kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Failed", timeout=120)
+    series = r.wait_series_phase(key, "Failed")
+    message = series["status"]["tasks"][0]["message"]
+    assert "crashed" in message or "552" in message, message
+    assert "TaskFailed" in {e.reason for e in r.events(resource_name(key))}
+    wait_until(lambda: r.fingerprint("broken")["status"].get("failedTasks") == 1, 30, "failedTasks")
+    # A failure for good is not retried: one pod, one submit.
+    assert len(kube_cluster.job_pods(r.namespace, job.metadata.name)) == 1
+    assert emulator.stats()["submits"] == 1
+
+
+def test_operator_killed_while_jobs_run_creates_no_duplicate(kube_cluster, relay, tmp_path):
+    require_dcmtk("storescp")
+    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=5.0)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        r = relay()
+        r.apply(fingerprint_manifest("ct", emulator, pacs))
+        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+        files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+        key = key_of(files)
+        r.send(files)
+        wait_until(lambda: r.jobs(key), 60, "a Job")
+        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
+
+        r.operator.kill()
+        r.start_operator()
+
+        r.wait_series_phase(key, "Succeeded", timeout=120)
+        pacs.wait_for_files(1)
+        assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1
+        assert len((r.series(key) or {})["status"]["tasks"]) == 1
+    finally:
+        pacs.stop()
+        emulator.stop()
+
+
+def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_cluster, node_agent, relay, tmp_path):
+    require_dcmtk("storescp")
+    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=6.0)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        r = relay()
+        r.apply(fingerprint_manifest("ct", emulator, pacs))
+        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+        files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+        key = key_of(files)
+        r.send(files)
+        job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
+        first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
+        pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
+
+        os.kill(pids["task"], signal.SIGKILL)
+
+        kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=180)
+        pods = kube_cluster.job_pods(r.namespace, job.metadata.name)
+        assert len(pods) == 2
+        second = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != first_pod)
+        assert "resuming" in kube_cluster.pod_log(r.namespace, second)
+        pacs.wait_for_files(1)
+        assert emulator.stats()["submits"] == 1
+        r.wait_series_phase(key, "Succeeded")
+    finally:
+        pacs.stop()
+        emulator.stop()
+
+
+def test_fingerprint_deleted_while_its_task_runs(kube_cluster, relay, tmp_path):
+    require_dcmtk("storescp")
+    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=4.0)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        r = relay()
+        r.apply(fingerprint_manifest("ct", emulator, pacs))
+        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+        files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+        key = key_of(files)
+        r.send(files)
+        wait_until(lambda: r.jobs(key), 60, "a Job")
+
+        kube_cluster.kubectl("delete", "fingerprint", "ct", "-n", r.namespace, "--wait=true")
+
+        # The Job carries the fingerprint as dispatched: it finishes, and the series with it.
+        r.wait_series_phase(key, "Succeeded", timeout=120)
+        pacs.wait_for_files(1)
+    finally:
+        pacs.stop()
+        emulator.stop()
+
+
+def test_unmatched_series_is_deleted_with_its_instances(relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    r.apply(fingerprint_manifest("mr-only", emulator, pacs, modality="^MR$"))
+    wait_until(lambda: r.fingerprint("mr-only").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+    key = key_of(files)
+
+    r.send(files)
+
+    wait_until(lambda: r.series(key), 30, "the DicomSeries")
+    wait_until(lambda: r.series(key) is None, 60, "the unmatched series to be deleted")
+    assert r.stored() == [] and r.jobs(key) == [] and emulator.stats()["submits"] == 0
