@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from relay.config import Settings, lifecycle_rules
-from relay.dicom.identity import identify
+from relay.dicom.identity import identify_part10
 from relay.dicom.receiver import Receiver
 from relay.fingerprints.loader import load_fingerprint_dir
 from relay.fingerprints.matching import matching_fingerprints
@@ -165,7 +165,7 @@ class Relay:
 
     def _recover_receiving(self, key: SeriesKey, uids: list[str], now: float) -> None:
         try:
-            identity = _identify_stored(self.storage, key.instance_key(uids[0]))
+            identity = identify_part10(self.storage.get(key.instance_key(uids[0])))
         except Exception as exc:  # an unreadable file must not stop the recovery of the others
             log.error("series %s: cannot read its stored instance: %s", key.series_uid, exc)
             return
@@ -273,12 +273,3 @@ class Relay:
         finally:
             with self._running_lock:
                 self._running.discard(task_id)
-
-
-def _identify_stored(storage: Storage, key: str):
-    import io
-
-    import pydicom
-
-    dataset = pydicom.dcmread(io.BytesIO(storage.get(key)), stop_before_pixels=True)
-    return identify(dataset)

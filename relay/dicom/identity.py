@@ -21,6 +21,9 @@ from relay.uids import SeriesKey, require_uid
 
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# (FFFE,E0DD) Sequence Delimitation Item with its zero length, as it ends the stream.
+_SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_SEQUENCE_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 _FREE_TEXT_LIMIT = 256  # LO is 64 characters; anything much longer is garbage, not a description
 
 
@@ -54,7 +57,7 @@ def parse_dataset(raw: bytes | memoryview, transfer_syntax: str) -> Dataset:
         implicit, little = False, True
     try:
         dataset = read_dataset(io.BytesIO(data), implicit, little)
-        _check_complete(dataset)
+        _check_complete(dataset, data, little)
     except UndecodableDataset:
         raise
     except Exception as exc:  # pydicom raises many types for malformed input
@@ -64,22 +67,29 @@ def parse_dataset(raw: bytes | memoryview, transfer_syntax: str) -> Dataset:
     return dataset
 
 
-def _check_complete(dataset: Dataset) -> None:
-    """Every element holds as many bytes as its header says, in sequences too.
+def _check_complete(dataset: Dataset, data: bytes, little_endian: bool) -> None:
+    """Every element holds as many bytes as its header says.
 
     pydicom reads a value cut short at the end of the stream without complaint; a truncated
-    instance must be refused now, not acknowledged and found broken later."""
-    for tag in list(dataset.keys()):
+    instance must be refused now, not acknowledged and found broken later. Checking the raw
+    elements (not decoding them) keeps this cheap: a defined length covers everything inside
+    it, and an undefined-length value (a sequence, encapsulated pixel data) that ran into the
+    end of the stream is the last element and lacks its closing delimiter."""
+    last = None
+    for tag in dataset.keys():
         raw = dataset._dict[tag]
-        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None:
-            if len(raw.value) != raw.length:
-                raise UndecodableDataset(
-                    f"dataset cannot be decoded: element {tag} is cut short "
-                    f"({len(raw.value)} of {raw.length} bytes)")
-        element = dataset[tag]  # decodes the value (and parses a sequence's items)
-        if element.VR == "SQ":
-            for item in element.value:
-                _check_complete(item)
+        if not isinstance(raw, RawDataElement):
+            continue
+        last = raw
+        if raw.length != UNDEFINED_LENGTH and raw.value is not None and len(raw.value) != raw.length:
+            raise UndecodableDataset(
+                f"dataset cannot be decoded: element {tag} is cut short "
+                f"({len(raw.value)} of {raw.length} bytes)")
+    if last is not None and last.length == UNDEFINED_LENGTH:
+        delimiter = _SEQUENCE_DELIMITER_LE if little_endian else _SEQUENCE_DELIMITER_BE
+        if not data.endswith(delimiter):
+            raise UndecodableDataset(
+                f"dataset cannot be decoded: element {last.tag} ends without its delimiter")
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
@@ -109,3 +119,10 @@ def identify(dataset: Dataset) -> InstanceIdentity:
             study_description=_text(dataset, "StudyDescription"),
         ),
     )
+
+
+def identify_part10(data: bytes) -> InstanceIdentity:
+    """Identity of a stored instance (a DICOM file's bytes), e.g. when resuming from storage."""
+    import pydicom
+
+    return identify(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))

@@ -13,12 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from pydicom.filewriter import write_file_meta_info
-from pydicom.filebase import DicomBytesIO
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from relay.config import Settings
+from relay.dicom.file_meta import file_header
 from relay.dicom.identity import InstanceIdentity, UndecodableDataset, identify, parse_dataset
 from relay.dicom.network import NODELAY_HANDLER, configure_pynetdicom_logging
 from relay.storage.base import Storage, StorageError, StorageFull
@@ -139,7 +138,6 @@ class Receiver:
             transfer_syntax=str(event.context.transfer_syntax),
             affected_sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
             affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or ""),
-            file_meta=event.file_meta,
             calling_ae_title=event.assoc.requestor.ae_title.strip(),
         )
         with self._counts_lock:
@@ -150,7 +148,7 @@ class Receiver:
         return status
 
     def store(self, raw, transfer_syntax, affected_sop_class_uid, affected_sop_instance_uid,
-              file_meta, calling_ae_title) -> int:
+              calling_ae_title) -> int:
         """Validate, store durably and register one instance; returns the C-STORE status."""
         peer = calling_ae_title or "?"
         try:
@@ -171,7 +169,8 @@ class Receiver:
                         peer)
             return INVALID_UID
 
-        header = _file_header(file_meta)
+        header = file_header(identity.series.sop_class_uid, identity.sop_instance_uid,
+                             transfer_syntax, calling_ae_title)
         key = identity.series.instance_key(identity.sop_instance_uid)
         try:
             # Same SOP Instance UID, same key: a re-sent instance replaces itself, never duplicates.
@@ -200,13 +199,3 @@ class Receiver:
             self.sink.association_ended(event.assoc.requestor.ae_title.strip())
         except Exception:
             log.exception("association end handler failed")
-
-
-def _file_header(file_meta) -> bytes:
-    """Preamble, 'DICM' and the encoded file meta group."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, file_meta, enforce_standard=True)
-    return buffer.getvalue()

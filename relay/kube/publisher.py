@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from relay.config import Settings
+from relay.dicom.identity import identify_part10
 from relay.dicom.receiver import ReceivedInstance
 from relay.fingerprints.model import SeriesAttributes
 from relay.kube.series_resource import (
@@ -400,7 +401,53 @@ class SeriesPublisher:
 
     # --- the background thread ---
 
+    def recover_unpublished(self) -> int:
+        """Publish series whose instances are in storage but that have no DicomSeries.
+
+        A receiver killed between storing an instance (and acknowledging it) and publishing its
+        series would otherwise leave it unseen by the operator. Only series with no object at all
+        are taken up: a finished series keeps its object (the operator forgets it only after its
+        instances were deleted), so nothing is run twice. Raises ApiUnavailable during an outage."""
+        stored: dict[SeriesKey, tuple[str, float]] = {}
+        for info in self.storage.list("series/"):
+            parsed = parse_instance_key(info.key)
+            if parsed is None:
+                continue
+            key = parsed[0]
+            newest = stored.get(key, (info.key, 0.0))[1]
+            stored[key] = (info.key, max(newest, info.modified))
+        recovered = 0
+        for key, (sample_key, modified) in stored.items():
+            with self._lock:
+                if key in self._series:
+                    continue
+            if self.api.get(resource_name(key)) is not None:
+                continue
+            try:
+                identity = identify_part10(self.storage.get(sample_key))
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
+                log.error("series %s is in storage but unreadable: %s", key.series_uid, exc)
+                continue
+            self.instance_stored(ReceivedInstance(identity=identity, size=0, calling_ae_title="",
+                                                  received_at=modified))
+            recovered += 1
+        if recovered:
+            log.warning("found %d series in storage that were never published (a receiver stopped "
+                        "before it could); publishing them now", recovered)
+        return recovered
+
     def _run(self) -> None:
+        recovered = False
+        while not self._stop.is_set() and not recovered:
+            try:
+                self.recover_unpublished()
+                recovered = True
+            except (ApiUnavailable, PublishError) as exc:
+                log.warning("cannot look for unpublished series yet: %s", exc)
+                self._stop.wait(5.0)
+            except Exception:
+                log.exception("looking for unpublished series failed")
+                recovered = True
         while not self._stop.is_set():
             self._wake.clear()  # before the round: a wake-up during it is not lost
             try:

@@ -78,7 +78,7 @@ class LocalStorage(Storage):
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                os.fsync(fd)
+                os.fdatasync(fd)  # the data and what is needed to read it back; not the mtime
             finally:
                 os.close(fd)
             os.replace(tmp, path)

@@ -239,6 +239,27 @@ def test_an_api_outage_delays_publication_but_loses_nothing(kube_cluster, kube_n
     assert "reachable again" in log
 
 
+def test_a_receiver_killed_before_publishing_publishes_at_its_next_start(kube_cluster, kube_namespace,
+                                                                        start_scp, tmp_path):
+    server = urlparse(kube_cluster.server)
+    with TcpProxy(server.hostname, server.port) as proxy:
+        kubeconfig = proxied_kubeconfig(kube_cluster.kubeconfig, proxy.port, tmp_path / "proxied.kubeconfig")
+        scp = start_scp(kubeconfig=kubeconfig)
+        proxy.pause("refuse")
+        files = write_ct_series(tmp_path / "ct", count=5, rows=16, cols=16)
+        key = series_key(files)
+        scp.send(files)  # acknowledged, stored, but the API is away: not published
+        scp.process.kill()
+        assert len(stored_instances(scp.incoming, key)) == 5
+        assert get_series(kube_cluster, kube_namespace, key) is None
+        proxy.resume()
+
+        again = start_scp(pod_name="receiver-a2", kubeconfig=kubeconfig)
+        body = wait_for_instances(kube_cluster, kube_namespace, key, 5, timeout=60)
+        assert body["status"]["phase"] == "Receiving"
+        assert "never published" in again.output()
+
+
 def test_two_replicas_share_one_series(kube_cluster, kube_namespace, start_scp, tmp_path):
     incoming = tmp_path / "shared"
     a = start_scp("receiver-a", incoming=incoming)

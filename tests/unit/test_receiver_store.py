@@ -2,6 +2,8 @@
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
@@ -33,15 +35,6 @@ def encoded(dataset):
     return buffer.getvalue()
 
 
-def file_meta(ds):
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = IMPLICIT
-    meta.ImplementationClassUID = "1.2.3.4"
-    return meta
-
-
 @pytest.fixture
 def setup(tmp_path):
     ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", count=1, rows=8, cols=8)[0])
@@ -53,8 +46,7 @@ def setup(tmp_path):
 def store(receiver, ds, raw=None, **overrides):
     args = dict(raw=raw if raw is not None else encoded(ds), transfer_syntax=IMPLICIT,
                 affected_sop_class_uid=str(ds.SOPClassUID),
-                affected_sop_instance_uid=str(ds.SOPInstanceUID), file_meta=file_meta(ds),
-                calling_ae_title="CT1")
+                affected_sop_instance_uid=str(ds.SOPInstanceUID), calling_ae_title="CT1")
     args.update(overrides)
     return receiver.store(**args)
 
@@ -67,7 +59,11 @@ def test_stored_file_is_the_received_dataset_behind_a_file_meta_header(setup):
     assert path.relative_to(root).as_posix() == (
         f"series/{ds.SeriesInstanceUID}/{ds.SOPClassUID}/{ds.SOPInstanceUID}.dcm")
     assert path.read_bytes().endswith(raw)
-    assert pydicom.dcmread(path).PixelData == ds.PixelData
+    stored = pydicom.dcmread(path)
+    assert stored.PixelData == ds.PixelData
+    assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == IMPLICIT
+    assert stored.file_meta.SourceApplicationEntityTitle == "CT1"
     assert sink.instances[0].identity.attributes.modality == "CT"
 
 
@@ -98,6 +94,21 @@ def test_truncated_and_garbage_datasets_are_undecodable(setup):
     assert store(receiver, ds, raw[: len(raw) - 50]) == rx.UNDECODABLE
     assert store(receiver, ds, b"\xff" * 37) == rx.UNDECODABLE
     assert not list(root.rglob("*.dcm"))
+
+
+def test_a_sequence_cut_before_its_delimiter_is_undecodable(setup):
+    ds, receiver, sink, root = setup
+    item = Dataset()
+    item.CodeValue = "123"
+    del ds.PixelData
+    # An undefined-length sequence as the last element: truncation removes its delimiter.
+    ds.add_new(0x00400260, "SQ", Sequence([item]))
+    ds[0x00400260].is_undefined_length = True
+    whole = encoded(ds)
+    assert whole.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    assert store(receiver, ds, whole[:-8]) == rx.UNDECODABLE
+    assert not list(root.rglob("*.dcm"))
+    assert store(receiver, ds, whole) == rx.SUCCESS
 
 
 def test_sop_class_and_instance_must_agree_with_the_request(setup):
