@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 
 import pydicom
-import pytest
 
 from relay.synthetic import write_ct_series
+from tests.support.processes import wait_until
 from tests.support.dicom_peers import echoscu, storescu
 
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -47,16 +47,6 @@ def manifest(name, url, model, pacs, protocol="v2", modality="CT", ca_path=None,
     }
 
 
-def wait_until(condition, timeout=60.0, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {message}")
-
-
 def send(relay, files, **kwargs):
     result = storescu(relay.port, files, called_ae=relay.ae_title, **kwargs)
     assert result.returncode == 0, result.stdout
@@ -83,11 +73,11 @@ def test_v1_seed_fingerprint_over_tls_end_to_end(tmp_path, tls_emulator, pacs, r
 
     received = pacs.wait_for_files(1)
     assert_rtstruct_for(received, series)
-    stats = wait_until(lambda: (s := tls_emulator.stats())["deletes"] == 1 and s, message="delete")
+    stats = wait_until(lambda: (s := tls_emulator.stats())["deletes"] == 1 and s, what="delete")
     assert stats["submits"] == 1
     assert stats["tasks"][0]["protocol"] == "v1" and stats["tasks"][0]["input_files"] == 5
     # DELETE_ON_POST (default true): the series' instances are gone once delivered.
-    wait_until(lambda: not relay.stored_instances(), message="instances deleted")
+    wait_until(lambda: not relay.stored_instances(), what="instances deleted")
     assert relay.alive()
 
 
@@ -100,7 +90,7 @@ def test_v2_manifest_over_tls_with_ca_from_the_fingerprint(tmp_path, tls_emulato
     send(relay, series)
 
     assert_rtstruct_for(pacs.wait_for_files(1), series)
-    stats = wait_until(lambda: (s := tls_emulator.stats())["deletes"] == 1 and s, message="delete")
+    stats = wait_until(lambda: (s := tls_emulator.stats())["deletes"] == 1 and s, what="delete")
     assert stats["submits"] == 1 and stats["tasks"][0]["protocol"] == "v2"
 
 
@@ -114,7 +104,7 @@ def test_series_over_several_associations_is_one_submit(tmp_path, emulator, pacs
         send(relay, part)
 
     pacs.wait_for_files(1)
-    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, message="delete")
+    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, what="delete")
     assert stats["submits"] == 1 and stats["tasks"][0]["input_files"] == 9
 
 
@@ -128,7 +118,7 @@ def test_two_fingerprints_matching_one_series_run_two_tasks(tmp_path, emulator, 
     send(relay, series)
 
     assert len(pacs.wait_for_files(2)) == 2
-    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 2 and s, message="deletes")
+    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 2 and s, what="deletes")
     assert stats["submits_by_model"] == {"toy": 1, "toy-v1": 1}
 
 
@@ -141,7 +131,7 @@ def test_series_matching_no_fingerprint_is_deleted_without_a_submit(tmp_path, em
     send(relay, series)
 
     relay.wait_for_log(r"matches no fingerprint")
-    wait_until(lambda: not relay.stored_instances(), message="unmatched instances deleted")
+    wait_until(lambda: not relay.stored_instances(), what="unmatched instances deleted")
     assert emulator.stats()["submits"] == 0 and pacs.files() == []
 
 
@@ -204,7 +194,7 @@ def test_killed_during_receive_keeps_every_acknowledged_instance(tmp_path, emula
     send(relay, series[5:])
 
     pacs.wait_for_files(1, timeout=60)
-    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, message="delete")
+    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, what="delete")
     assert stats["submits"] == 1 and stats["tasks"][0]["input_files"] == 8
 
 
@@ -240,7 +230,7 @@ def test_killed_during_delivery_resumes_without_a_second_submit(tmp_path, emulat
     pacs.start()
     relay.start()
     pacs.wait_for_files(1, timeout=60)
-    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, message="delete")
+    stats = wait_until(lambda: (s := emulator.stats())["deletes"] == 1 and s, what="delete")
     assert stats["submits"] == 1
     time.sleep(1)
     assert len(pacs.files()) == 1  # not delivered twice

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import boto3
 import pytest
 
 from relay.storage.s3 import S3Storage
@@ -23,7 +22,7 @@ CREDENTIALS = {
 @pytest.fixture
 def s3_server(tmp_path):
     try:
-        import moto.server  # noqa: F401
+        import moto.server  # noqa: F401 - is the S3 server installed?
     except ImportError:
         missing("moto_server (pip install 'moto[server]')")
     port = free_port()

@@ -23,22 +23,12 @@ from relay.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.dicom_peers import StoreSCP, storescu
 from tests.support.emulator import EmulatorProcess
-from tests.support.processes import ManagedProcess, free_port, require_dcmtk, wait_for_port
+from tests.support.processes import wait_until, ManagedProcess, free_port, require_dcmtk, wait_for_port
 
 pytestmark = pytest.mark.kube
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLAIM = "isdr-data"
-
-
-def wait_until(condition, timeout=90.0, what="condition", interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Relay:
@@ -157,13 +147,26 @@ def fingerprint_manifest(name, emulator, pacs, model="toy", modality="^CT$", **s
 
 
 @pytest.fixture
-def peers(tmp_path):
+def make_peers(tmp_path):
+    """(emulator, PACS) with the emulator's models taking `delay` seconds."""
     require_dcmtk("storescp")
-    emulator = EmulatorProcess(tmp_path / "emulator", tls=False, delay=1.0)
-    pacs = StoreSCP(tmp_path / "pacs").start()
-    yield emulator, pacs
-    pacs.stop()
-    emulator.stop()
+    started = []
+
+    def make(delay: float = 1.0):
+        emulator = EmulatorProcess(tmp_path / f"emulator-{len(started)}", tls=False, delay=delay)
+        pacs = StoreSCP(tmp_path / f"pacs-{len(started)}").start()
+        started.append((emulator, pacs))
+        return emulator, pacs
+
+    yield make
+    for emulator, pacs in started:
+        pacs.stop()
+        emulator.stop()
+
+
+@pytest.fixture
+def peers(make_peers):
+    return make_peers(1.0)
 
 
 @pytest.fixture
@@ -291,84 +294,67 @@ def test_failing_model_fails_the_job_and_reports_the_reason(kube_cluster, relay,
     assert emulator.stats()["submits"] == 1
 
 
-def test_operator_killed_while_jobs_run_creates_no_duplicate(kube_cluster, relay, tmp_path):
-    require_dcmtk("storescp")
-    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=5.0)
-    pacs = StoreSCP(tmp_path / "pacs").start()
-    try:
-        r = relay()
-        r.apply(fingerprint_manifest("ct", emulator, pacs))
-        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
-        files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
-        key = key_of(files)
-        r.send(files)
-        wait_until(lambda: r.jobs(key), 60, "a Job")
-        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
+def test_operator_killed_while_jobs_run_creates_no_duplicate(kube_cluster, relay, make_peers, tmp_path):
+    emulator, pacs = make_peers(5.0)
+    r = relay()
+    r.apply(fingerprint_manifest("ct", emulator, pacs))
+    wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+    key = key_of(files)
+    r.send(files)
+    wait_until(lambda: r.jobs(key), 60, "a Job")
+    wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
 
-        r.operator.kill()
-        r.start_operator()
+    r.operator.kill()
+    r.start_operator()
 
-        r.wait_series_phase(key, "Succeeded", timeout=120)
-        pacs.wait_for_files(1)
-        assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1
-        assert len((r.series(key) or {})["status"]["tasks"]) == 1
-    finally:
-        pacs.stop()
-        emulator.stop()
+    r.wait_series_phase(key, "Succeeded", timeout=120)
+    pacs.wait_for_files(1)
+    assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1
+    assert len((r.series(key) or {})["status"]["tasks"]) == 1
 
 
-def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_cluster, node_agent, relay, tmp_path):
-    require_dcmtk("storescp")
-    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=6.0)
-    pacs = StoreSCP(tmp_path / "pacs").start()
-    try:
-        r = relay()
-        r.apply(fingerprint_manifest("ct", emulator, pacs))
-        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
-        files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
-        key = key_of(files)
-        r.send(files)
-        job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
-        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
-        first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
-        pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
+def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_cluster, node_agent, relay, make_peers,
+                                                                   tmp_path):
+    emulator, pacs = make_peers(6.0)
+    r = relay()
+    r.apply(fingerprint_manifest("ct", emulator, pacs))
+    wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+    key = key_of(files)
+    r.send(files)
+    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+    wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
+    first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
+    pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
 
-        os.kill(pids["task"], signal.SIGKILL)
+    os.kill(pids["task"], signal.SIGKILL)
 
-        kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=180)
-        pods = kube_cluster.job_pods(r.namespace, job.metadata.name)
-        assert len(pods) == 2
-        second = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != first_pod)
-        assert "resuming" in kube_cluster.pod_log(r.namespace, second)
-        pacs.wait_for_files(1)
-        assert emulator.stats()["submits"] == 1
-        r.wait_series_phase(key, "Succeeded")
-    finally:
-        pacs.stop()
-        emulator.stop()
+    kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=180)
+    pods = kube_cluster.job_pods(r.namespace, job.metadata.name)
+    assert len(pods) == 2
+    second = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != first_pod)
+    assert "resuming" in kube_cluster.pod_log(r.namespace, second)
+    pacs.wait_for_files(1)
+    assert emulator.stats()["submits"] == 1
+    r.wait_series_phase(key, "Succeeded")
 
 
-def test_fingerprint_deleted_while_its_task_runs(kube_cluster, relay, tmp_path):
-    require_dcmtk("storescp")
-    emulator = EmulatorProcess(tmp_path / "slow", tls=False, delay=4.0)
-    pacs = StoreSCP(tmp_path / "pacs").start()
-    try:
-        r = relay()
-        r.apply(fingerprint_manifest("ct", emulator, pacs))
-        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
-        files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
-        key = key_of(files)
-        r.send(files)
-        wait_until(lambda: r.jobs(key), 60, "a Job")
+def test_fingerprint_deleted_while_its_task_runs(kube_cluster, relay, make_peers, tmp_path):
+    emulator, pacs = make_peers(4.0)
+    r = relay()
+    r.apply(fingerprint_manifest("ct", emulator, pacs))
+    wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+    key = key_of(files)
+    r.send(files)
+    wait_until(lambda: r.jobs(key), 60, "a Job")
 
-        kube_cluster.kubectl("delete", "fingerprint", "ct", "-n", r.namespace, "--wait=true")
+    kube_cluster.kubectl("delete", "fingerprint", "ct", "-n", r.namespace, "--wait=true")
 
-        # The Job carries the fingerprint as dispatched: it finishes, and the series with it.
-        r.wait_series_phase(key, "Succeeded", timeout=120)
-        pacs.wait_for_files(1)
-    finally:
-        pacs.stop()
-        emulator.stop()
+    # The Job carries the fingerprint as dispatched: it finishes, and the series with it.
+    r.wait_series_phase(key, "Succeeded", timeout=120)
+    pacs.wait_for_files(1)
 
 
 def test_unmatched_series_is_deleted_with_its_instances(relay, peers, tmp_path):

@@ -17,10 +17,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from tests.support.processes import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HACK_DIR = REPO_ROOT / "hack" / "k8s"
@@ -73,23 +75,6 @@ def tool_path(name: str) -> str | None:
     if use_existing_cluster():
         return shutil.which(name)
     return None
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
-    """Poll until predicate() returns something truthy and return it; raise TimeoutError with `what`."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - reported on timeout
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 def now_rfc3339() -> str:
