@@ -13,7 +13,7 @@ import time
 
 from relay.fingerprints.matching import matching_fingerprints
 from relay.kube.publisher import Conflict, NotFound
-from relay.kube.series_resource import LABEL_SERIES, LABEL_TASK, series_state, to_rfc3339
+from relay.kube.series_resource import LABEL_SERIES, LABEL_TASK, from_rfc3339, series_state, to_rfc3339
 from relay.kube.task_store import TaskStore, read_task
 from relay.lifecycle import (
     DISPATCHED,
@@ -62,10 +62,20 @@ def progress(tasks: list[dict]) -> str:
     return f"{sum(t.get('phase') == TASK_SUCCEEDED for t in current)}/{len(current)}"
 
 
-def late_count(status: dict) -> int:
-    """Instances stored since the dispatch that are not counted as late yet."""
-    return max(0, int(status.get("instances") or 0) - int(status.get("dispatchedInstances") or 0)
-               - int(status.get("lateInstances") or 0))
+def late_arrivals(status: dict) -> int:
+    """How many instances arrived since the dispatch and were not noticed yet (0: none).
+
+    Told by time, not by counting: after a clean-up the stored count starts again from the late
+    ones, and a re-sent instance does not change it at all."""
+    last = from_rfc3339(status.get("lastReceived"))
+    seen = max(filter(None, (from_rfc3339(status.get("dispatchedTime")),
+                             from_rfc3339(status.get("lateSeen")))), default=None)
+    if last is None or seen is None or last <= seen:
+        return 0
+    stored = int(status.get("instances") or 0)
+    if not status.get("instancesDeleted"):
+        stored -= int(status.get("dispatchedInstances") or 0) + int(status.get("lateInstances") or 0)
+    return max(1, stored)
 
 
 class SeriesDriver:
@@ -101,8 +111,9 @@ class SeriesDriver:
         if not status.get("lastReceived"):
             return None  # just created; the receiver's status write (an event) brings it back
         state = series_state(body)
-        if state.phase != RECEIVING and late_count(status) and state.generation:
-            return self._late(body, state, late_count(status), now)
+        late = late_arrivals(status) if state.phase != RECEIVING else 0
+        if late:
+            return self._late(body, state, late, now)
         if state.phase == DISPATCHED:
             self._ensure_jobs(body, state)
         step = next_step(state, self.fingerprints.ready(), now, self.rules, matching_fingerprints)
@@ -127,7 +138,7 @@ class SeriesDriver:
     def _late(self, body, state, count: int, now: float) -> float:
         state, note = on_late_instances(state, count, now, self.rules)
         patch = {"lateInstances": state.late_instances, "phase": state.phase,
-                 "instancesDeleted": state.cleaned}
+                 "instancesDeleted": state.cleaned, "lateSeen": (body.get("status") or {}).get("lastReceived")}
         if state.phase == RECEIVING:
             # Re-opened: the next dispatch counts from everything stored now.
             patch["dispatchedInstances"] = int((body.get("status") or {}).get("instances") or 0)

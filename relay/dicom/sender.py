@@ -104,12 +104,16 @@ def send_files(destination: Destination, files: list[OutgoingFile], calling_ae_t
                                  evt_handlers=[NODELAY_HANDLER])
         except OSError as exc:  # e.g. an unresolvable host name
             raise DestinationUnavailable(f"{where}: {exc}") from exc
-        if not assoc.is_established:
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # It answered, and refused everything offered: a lasting refusal, not an outage.
+            accepted = set()
+        elif not assoc.is_established:
             if assoc.is_rejected:
                 raise DestinationUnavailable(f"{where} rejected the association")
             raise DestinationUnavailable(f"{where} did not accept an association (down or unreachable)")
-        try:
+        else:
             accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        try:
             for item in group_files:
                 if (item.sop_class_uid, item.transfer_syntax) not in accepted:
                     result.refused[item.sop_instance_uid] = (

@@ -181,6 +181,25 @@ def test_destination_down_then_back(tmp_path, emulator, pacs, relays):
     assert emulator.stats()["submits"] == 1
 
 
+def test_a_destination_refusing_the_predictions_fails_the_task_per_instance(tmp_path, emulator, relays,
+                                                                            dcmtk):
+    from tests.support.dicom_peers import StoreSCP
+
+    # This PACS accepts implicit VR little endian only; the model's RTSTRUCT is explicit VR.
+    picky = StoreSCP(tmp_path / "picky", ae_title="PICKY", options=["+xi"]).start()
+    try:
+        relay = relays()
+        relay.add_manifest(manifest("ct", emulator.base_url, "toy", picky))
+        relay.start()
+        send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+
+        log = relay.wait_for_log(r"task failed: PICKY@127\.0\.0\.1:\d+ refused 1 of 1 predictions")
+        assert "accepted no presentation context" in log
+        assert picky.files() == [] and relay.alive()
+    finally:
+        picky.stop()
+
+
 def test_killed_during_receive_keeps_every_acknowledged_instance(tmp_path, emulator, pacs, relays):
     relay = relays(env={"POST_AFTER": "3"})
     relay.add_manifest(manifest("ct", emulator.base_url, "toy", pacs))

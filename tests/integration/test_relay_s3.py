@@ -2,45 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-from relay.storage.s3 import S3Storage
 from relay.synthetic import write_ct_series
-from tests.integration.test_relay_end_to_end import manifest, send, wait_until
-from tests.support.processes import ManagedProcess, free_port, missing, wait_for_port
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "isdr-test",
-    "AWS_SECRET_ACCESS_KEY": "isdr-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    try:
-        import moto.server  # noqa: F401 - is the S3 server installed?
-    except ImportError:
-        missing("moto_server (pip install 'moto[server]')")
-    port = free_port()
-    server = ManagedProcess([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            tmp_path / "moto.log", env={**os.environ, **CREDENTIALS})
-    wait_for_port(port, process=server.popen)
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_server, monkeypatch):
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    storage = S3Storage(bucket="isdr-test", prefix="relay", endpoint_url=s3_server)
-    storage.ensure_bucket()
-    return storage
-
+from tests.integration.test_relay_end_to_end import manifest, send
+from tests.support.processes import wait_until
+from tests.support.s3 import relay_s3_env
 
 def test_s3_storage_round_trip(bucket, tmp_path):
     bucket.put("series/1.2/1.3/1.4.dcm", (b"abc", memoryview(b"def")))
@@ -55,8 +22,7 @@ def test_s3_storage_round_trip(bucket, tmp_path):
 
 
 def test_relay_end_to_end_with_s3_storage(tmp_path, bucket, s3_server, emulator, pacs, relays):
-    relay = relays(env={**CREDENTIALS, "STORAGE": "s3", "S3_ENDPOINT_URL": s3_server,
-                        "S3_BUCKET": "isdr-test", "S3_PREFIX": "relay"})
+    relay = relays(env=relay_s3_env(s3_server))
     relay.add_manifest(manifest("ct", emulator.base_url, "toy", pacs))
     relay.start()
     series = write_ct_series(tmp_path / "ct", count=4, rows=32, cols=32)
@@ -73,8 +39,7 @@ def test_relay_end_to_end_with_s3_storage(tmp_path, bucket, s3_server, emulator,
 
 def test_relay_killed_with_s3_storage_resumes_from_the_bucket(tmp_path, bucket, s3_server, emulator,
                                                               pacs, relays):
-    relay = relays(env={**CREDENTIALS, "STORAGE": "s3", "S3_ENDPOINT_URL": s3_server,
-                        "S3_BUCKET": "isdr-test", "S3_PREFIX": "relay", "POST_AFTER": "3"})
+    relay = relays(env={**relay_s3_env(s3_server), "POST_AFTER": "3"})
     relay.add_manifest(manifest("ct", emulator.base_url, "toy", pacs))
     relay.start()
     send(relay, write_ct_series(tmp_path / "ct", count=3, rows=32, cols=32))

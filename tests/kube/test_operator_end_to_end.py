@@ -340,7 +340,7 @@ def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_clust
     r.wait_series_phase(key, "Succeeded")
 
 
-def test_fingerprint_deleted_while_its_task_runs(kube_cluster, relay, make_peers, tmp_path):
+def test_fingerprint_edited_and_deleted_while_its_task_runs(kube_cluster, relay, make_peers, tmp_path):
     emulator, pacs = make_peers(4.0)
     r = relay()
     r.apply(fingerprint_manifest("ct", emulator, pacs))
@@ -350,6 +350,9 @@ def test_fingerprint_deleted_while_its_task_runs(kube_cluster, relay, make_peers
     r.send(files)
     wait_until(lambda: r.jobs(key), 60, "a Job")
 
+    # Edited (to a model that would fail), then deleted, while the task runs.
+    kube_cluster.kubectl("patch", "fingerprint", "ct", "-n", r.namespace, "--type=merge",
+                         "-p", '{"spec": {"inferenceServer": {"model": "fail"}}}')
     kube_cluster.kubectl("delete", "fingerprint", "ct", "-n", r.namespace, "--wait=true")
 
     # The Job carries the fingerprint as dispatched: it finishes, and the series with it.
@@ -370,3 +373,59 @@ def test_unmatched_series_is_deleted_with_its_instances(relay, peers, tmp_path):
     wait_until(lambda: r.series(key), 30, "the DicomSeries")
     wait_until(lambda: r.series(key) is None, 60, "the unmatched series to be deleted")
     assert r.stored() == [] and r.jobs(key) == [] and emulator.stats()["submits"] == 0
+
+
+def test_the_same_flow_with_s3_storage(kube_cluster, relay, peers, bucket, s3_server, tmp_path):
+    from tests.support.s3 import CREDENTIALS, relay_s3_env
+
+    emulator, pacs = peers
+    # The Jobs get the bucket's credentials from a Secret, as the chart's S3 mode does.
+    r = relay(**relay_s3_env(s3_server), STORAGE_PVC_CLAIM="", S3_CREDENTIALS_SECRET="s3-credentials")
+    namespace = r.namespace
+    kube_cluster.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "s3-credentials"}, "stringData": CREDENTIALS})
+    r.apply(fingerprint_manifest("ct", emulator, pacs))
+    wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=4, rows=16, cols=16)
+    key = key_of(files)
+
+    r.send(files)
+
+    series = wait_until(lambda: r.series(key), 30, "the DicomSeries")
+    assert series["spec"]["storage"]["type"] == "s3" and series["spec"]["storage"]["bucket"] == "isdr-test"
+    assert r.stored() == []  # nothing on the shared folder: the instances are in the bucket
+    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+    assert job.spec.template.spec.volumes is None or all(
+        v.persistent_volume_claim is None for v in job.spec.template.spec.volumes)
+    kube_cluster.wait_job_condition(namespace, job.metadata.name, "Complete", timeout=120)
+    pacs.wait_for_files(1)
+    assert emulator.stats()["tasks"][0]["input_files"] == 4
+    r.wait_series_phase(key, "Succeeded")
+    wait_until(lambda: not [i for i in bucket.list("series/")], 30, "the instances deleted from the bucket")
+
+
+def test_a_late_instance_is_kept_out_of_a_second_run_with_the_ignore_policy(relay, peers, tmp_path):
+    import pydicom
+
+    emulator, pacs = peers
+    r = relay()  # LATE_INSTANCE_POLICY defaults to ignore
+    r.apply(fingerprint_manifest("ct", emulator, pacs))
+    wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+    files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+    key = key_of(files)
+    r.send(files)
+    r.wait_series_phase(key, "Succeeded")
+    wait_until(lambda: (r.series(key) or {}).get("status", {}).get("instancesDeleted"), 30, "clean-up")
+
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    late = write_ct_series(tmp_path / "late", count=1, rows=16, cols=16, series_uid=first.SeriesInstanceUID,
+                           study_uid=first.StudyInstanceUID)
+    r.send(late)
+
+    series = wait_until(lambda: (s := r.series(key)) and s["status"].get("lateInstances") and s, 30,
+                        "the late instance to be noticed")
+    assert series["status"]["phase"] == "Succeeded"
+    assert "LateInstances" in {e.reason for e in r.events(resource_name(key))}
+    wait_until(lambda: r.stored() == [] or all("state" in str(p) for p in r.stored()), 30,
+               "the late instance to be cleaned up")
+    assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1

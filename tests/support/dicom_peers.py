@@ -31,7 +31,8 @@ def echoscu(port: int, called_ae: str = "ISDR", calling_ae: str = "SCANNER") -> 
 class StoreSCP:
     """dcmtk's storescp as a destination (a PACS stand-in) writing into a folder."""
 
-    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None):
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None, options=()):
+        self.options = list(options)  # extra storescp flags, e.g. +xi (implicit VR only)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -42,7 +43,7 @@ class StoreSCP:
         binary = require_dcmtk("storescp")
         self.process = ManagedProcess(
             [binary, "-aet", self.ae_title, "--output-directory", str(self.folder),
-             "--accept-all", str(self.port)],
+             *(self.options or ["--accept-all"]), str(self.port)],
             self.folder.parent / f"storescp-{self.port}.log",
             env=dcmtk_env(),
         )

@@ -1,0 +1,2 @@
+# Fixtures shared by several test folders.
+pytest_plugins = ["tests.support.s3"]

@@ -1,0 +1,213 @@
+"""The operator's pure parts: Job specs, late instances, conditions, fingerprint readiness, scheduling."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from isdr_operator.conditions import condition, same_conditions, set_condition
+from isdr_operator.driver import late_arrivals, progress
+from isdr_operator.fingerprints import evaluate
+from isdr_operator.jobs import build_job, job_outcome
+from isdr_operator.scheduler import Scheduler
+from isdr_operator.settings import JobSettings, load_operator_settings
+from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
+from relay.kube.series_resource import to_rfc3339
+from relay.lifecycle import TaskState
+from relay.uids import SeriesKey
+
+KEY = SeriesKey("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2")
+
+
+def fingerprint_body(**server):
+    return {
+        "apiVersion": "isdr.io/v1alpha1", "kind": "Fingerprint",
+        "metadata": {"name": "ct-organs", "namespace": "isdr", "generation": 3, "resourceVersion": "7"},
+        "spec": {"match": {"modality": "CT"},
+                 "inferenceServer": {"url": "https://is.example", "protocol": "v2", "model": "m", **server},
+                 "destinations": [{"host": "pacs", "port": 104, "aeTitle": "PACS"}]},
+        "status": {"matchedSeries": 4},
+    }
+
+
+def job(settings=None, **server):
+    task = TaskState(task_id="ct-organs-abc-1", fingerprint="ct-organs", generation=1)
+    return build_job(task=task, key=KEY, series_name="series-abc", fingerprint_body=fingerprint_body(**server),
+                     settings=settings or JobSettings(), relay_get_timeout=7200)
+
+
+def env_of(spec):
+    return {e["name"]: e["value"] for e in spec["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_job_is_named_after_the_task_and_labelled_with_series_and_fingerprint():
+    spec = job()
+    assert spec["metadata"]["name"] == "ct-organs-abc-1"
+    labels = spec["metadata"]["labels"]
+    assert labels["isdr.io/series"] == "series-abc" and labels["isdr.io/fingerprint"] == "ct-organs"
+    assert spec["spec"]["template"]["metadata"]["labels"] == labels
+    container = spec["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["isdr", "job"]
+    assert container["args"][container["args"].index("--series-uid") + 1] == KEY.series_uid
+
+
+def test_job_deadline_comes_from_the_fingerprints_timeout_plus_a_margin():
+    assert job(timeoutSeconds=600)["spec"]["activeDeadlineSeconds"] == 600 + JobSettings().deadline_margin
+    assert job()["spec"]["activeDeadlineSeconds"] == 7200 + JobSettings().deadline_margin
+
+
+def test_a_task_that_failed_for_good_is_not_retried():
+    rules = job()["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [{"action": "FailJob", "onExitCodes": {"containerName": "task", "operator": "In",
+                                                          "values": [EXIT_FAILED]}}]
+    assert job()["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_job_carries_a_snapshot_of_the_fingerprint_without_its_status():
+    snapshot = json.loads(env_of(job())[FINGERPRINT_ENV])
+    assert snapshot["spec"]["inferenceServer"]["model"] == "m"
+    assert "status" not in snapshot and "resourceVersion" not in snapshot["metadata"]
+
+
+def test_job_has_no_api_access_and_a_locked_down_container():
+    pod = job(JobSettings(service_account="isdr-job"))["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "isdr-job"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_job_storage_pvc_or_s3_secret_and_the_ca_bundles():
+    settings = JobSettings(storage_pvc_claim="isdr-data", task_env={"INCOMING_DIR": "/data"},
+                           ca_bundle_configmap="ca", ca_bundle_key="ca.pem", env_configmap="isdr-config")
+    spec = job(settings, caBundle={"secretKeyRef": {"name": "is-ca", "key": "bundle.pem"}})
+    pod = spec["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == "isdr-data" and mounts["storage"] == "/data"
+    assert volumes["relay-ca"]["configMap"]["name"] == "ca" and mounts["relay-ca"] == "/etc/isdr/ca"
+    assert volumes["fingerprint-ca"]["secret"]["secretName"] == "is-ca"
+    assert env_of(spec)[FINGERPRINT_CA_ENV] == "/etc/isdr/fingerprint-ca/ca.pem"
+    assert {"configMapRef": {"name": "isdr-config"}} in pod["containers"][0]["envFrom"]
+    s3 = job(JobSettings(s3_credentials_secret="s3"))["spec"]["template"]["spec"]
+    assert {"secretRef": {"name": "s3"}} in s3["containers"][0]["envFrom"]
+    assert all("persistentVolumeClaim" not in v for v in s3["volumes"])
+
+
+def test_operator_settings_pass_the_relays_task_settings_to_jobs():
+    settings = load_operator_settings("ns", {"JOB_IMAGE": "registry/isdr:1", "GET_INTERVAL": "5",
+                                             "POST_AFTER": "3", "STORAGE_PVC_CLAIM": "c"})
+    assert settings.jobs.image == "registry/isdr:1" and settings.jobs.storage_pvc_claim == "c"
+    assert settings.jobs.task_env == {"GET_INTERVAL": "5"}  # POST_AFTER is the operator's business
+
+
+@pytest.mark.parametrize("conditions, expected", [
+    ([{"type": "Complete", "status": "True"}], ("Succeeded", "")),
+    ([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"}],
+     ("Failed", "PodFailurePolicy: exit 2")),
+    ([{"type": "Failed", "status": "False"}], (None, "")),
+    ([], (None, "")),
+])
+def test_job_outcome(conditions, expected):
+    assert job_outcome({"status": {"conditions": conditions}}) == expected
+
+
+def status(last, dispatched, seen=None, instances=5, dispatched_instances=5, late=0, deleted=False):
+    return {"lastReceived": to_rfc3339(last), "dispatchedTime": to_rfc3339(dispatched),
+            "lateSeen": to_rfc3339(seen) if seen else None, "instances": instances,
+            "dispatchedInstances": dispatched_instances, "lateInstances": late, "instancesDeleted": deleted}
+
+
+def test_late_instances_are_told_by_time_not_by_count():
+    assert late_arrivals(status(last=100, dispatched=110)) == 0  # received before the dispatch
+    assert late_arrivals(status(last=120, dispatched=110, instances=7)) == 2
+    # A re-sent instance does not change the stored count; it is still one late arrival.
+    assert late_arrivals(status(last=120, dispatched=110, instances=5)) == 1
+    # After clean-up the stored count is the late ones alone.
+    assert late_arrivals(status(last=120, dispatched=110, instances=1, deleted=True)) == 1
+    assert late_arrivals(status(last=120, dispatched=110, seen=120, instances=7, late=2)) == 0
+
+
+def test_progress_counts_the_latest_dispatch():
+    tasks = [{"generation": 1, "phase": "Failed"}, {"generation": 2, "phase": "Succeeded"},
+             {"generation": 2, "phase": "Running"}]
+    assert progress(tasks) == "1/2" and progress([]) == ""
+
+
+def test_condition_transition_time_moves_only_when_the_status_flips():
+    first = set_condition(None, condition("Ready", True, "Valid", "ok", 1), now=100)
+    again = set_condition(first, condition("Ready", True, "Valid", "still ok", 2), now=200)
+    assert again[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == to_rfc3339(100)
+    flipped = set_condition(again, condition("Ready", False, "InvalidRegex", "bad", 3), now=300)
+    assert flipped[0]["lastTransitionTime"] == to_rfc3339(300) and flipped[0]["observedGeneration"] == 3
+    assert same_conditions(first, set_condition(first, condition("Ready", True, "Valid", "ok", 1), 999))
+
+
+def no_ca_problem(kind, name, key):
+    return None
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"match": {"modality": "CT("}}, "InvalidRegex"),
+    ({"inferenceServer": {"url": "https://is", "model": "m", "caBundle": {"path": "/etc/ca.pem"}}},
+     "UnsupportedCABundle"),
+])
+def test_fingerprints_that_cannot_be_used_are_not_ready(change, reason):
+    body = fingerprint_body()
+    body["spec"].update(change)
+    evaluation = evaluate(body, no_ca_problem)
+    assert (evaluation.ready, evaluation.reason) == (False, reason)
+
+
+def test_a_ca_bundle_reference_must_resolve():
+    body = fingerprint_body(caBundle={"configMapKeyRef": {"name": "ca", "key": "ca.pem"}})
+    missing = evaluate(body, lambda kind, name, key: f"{kind} {name} not found")
+    assert (missing.ready, missing.reason, missing.message) == (False, "CABundleNotFound", "ConfigMap ca not found")
+    assert evaluate(body, no_ca_problem).ready
+
+
+def test_scheduler_runs_each_series_when_due_and_keeps_the_earliest_poke():
+    calls, done = [], threading.Event()
+
+    def step(name):
+        calls.append((name, time.monotonic()))
+        if len(calls) == 3:
+            done.set()
+        return None
+
+    scheduler = Scheduler(step)
+    scheduler.start()
+    try:
+        start = time.monotonic()
+        scheduler.poke("late", 0.3)
+        scheduler.poke("soon", 0.05)
+        scheduler.poke("late", 5.0)  # later than already wanted: ignored
+        scheduler.poke("again", 0.1)
+        scheduler.forget("again")
+        scheduler.poke("third", 0.15)
+        assert done.wait(3)
+    finally:
+        scheduler.stop()
+    assert [name for name, _ in calls] == ["soon", "third", "late"]
+    assert calls[-1][1] - start < 2
+
+
+def test_scheduler_survives_a_failing_step_and_retries_it():
+    attempts = []
+
+    def step(name):
+        attempts.append(name)
+        if len(attempts) == 1:
+            raise RuntimeError("API hiccup")
+        return None
+
+    scheduler = Scheduler(step, retry_after_error=0.05)
+    scheduler.start()
+    try:
+        scheduler.poke("s")
+        deadline = time.monotonic() + 3
+        while len(attempts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        scheduler.stop()
+    assert attempts == ["s", "s"]
