@@ -33,7 +33,8 @@ def _parse_number(name: str, raw: str, kind, minimum=None):
     try:
         value = kind(raw.strip())
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+        expected = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
     return value

@@ -111,7 +111,7 @@ class Relay:
 
     def stop(self) -> None:
         log.info("stopping: no new associations; running tasks resume at the next start")
-        self.receiver.stop()
+        self.receiver.stop(drain_timeout=10.0)  # let running associations finish
         self._stop.set()
         if self._scheduler is not None:
             self._scheduler.join(timeout=10)

@@ -109,10 +109,12 @@ class Receiver:
             return self.settings.scp_port
         return self._server.server_address[1]
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Accept no new associations; give running ones `drain_timeout` seconds, then abort them."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            _drain(server, drain_timeout)
 
     # --- access control ---
 
@@ -199,3 +201,31 @@ class Receiver:
             self.sink.association_ended(event.assoc.requestor.ae_title.strip())
         except Exception:
             log.exception("association end handler failed")
+
+
+def _drain(server, timeout: float) -> None:
+    """Let associations that are still running finish, so that their series get the final flush.
+
+    Only established associations count: a bare TCP connection (a probe, a port scan) also gets an
+    acceptor thread, which waits for an A-ASSOCIATE-RQ that never comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            running = [a for a in server.active_associations if a.is_alive() and a.is_established]
+        except Exception:  # noqa: BLE001 - pynetdicom internals; draining is best effort
+            return
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    # Abort the rest: an instance acknowledged after the final flush would never be published.
+    log.warning("aborting %d associations still running after %.0fs (their senders resend what was not "
+                "acknowledged)", len(running), timeout)
+    for association in running:
+        try:
+            association.abort()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    for association in running:
+        association.join(timeout=5)  # its last instance_stored has run before the final flush

@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from relay.config import ENV_VARIABLES, ConfigError, load_settings
@@ -143,43 +142,11 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         while not stop.wait(1.0):
             pass
     finally:
-        server = getattr(receiver, "_server", None)
-        receiver.stop()  # no new associations
-        _drain(server, drain_timeout)
+        receiver.stop(drain_timeout)  # no new associations; let running ones finish
         publisher.stop(timeout=flush_timeout)
         connection.close()
         log.info("stopped (%d instances stored, %d refused)", receiver.stored, receiver.refused)
     return 0
-
-
-def _drain(server, timeout: float) -> None:
-    """Let associations that are still running finish, so that their series get the final flush.
-
-    Only established associations count: a bare TCP connection (a probe, a port scan) also gets an
-    acceptor thread, which waits for an A-ASSOCIATE-RQ that never comes."""
-    if server is None:
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            running = [a for a in server.active_associations if a.is_alive() and a.is_established]
-        except Exception:  # noqa: BLE001 - pynetdicom internals; draining is best effort
-            return
-        if not running:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    # Abort the rest: an instance acknowledged after the final flush would never be published.
-    log.warning("aborting %d associations still running after %.0fs (their senders resend what was not "
-                "acknowledged)", len(running), timeout)
-    for association in running:
-        try:
-            association.abort()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-    for association in running:
-        association.join(timeout=5)  # its last instance_stored has run before the final flush
 
 
 def _probe(api, connection) -> None:
