@@ -34,7 +34,7 @@ def test_relay_end_to_end_with_s3_storage(tmp_path, bucket, s3_server, emulator,
 
     pacs.wait_for_files(1)
     assert emulator.stats()["tasks"][0]["input_files"] == 4
-    wait_until(lambda: not list(bucket.list("series/")), message="instances deleted from the bucket")
+    wait_until(lambda: not list(bucket.list("series/")), what="instances deleted from the bucket")
 
 
 def test_relay_killed_with_s3_storage_resumes_from_the_bucket(tmp_path, bucket, s3_server, emulator,
