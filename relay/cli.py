@@ -7,7 +7,8 @@ import logging
 import sys
 
 from relay import __version__
-from relay.config import ENV_VARIABLES, ConfigError, load_settings
+from relay.cli_common import add_receiver_arguments, receiver_settings
+from relay.config import ENV_VARIABLES
 
 _RUN_EPILOG = """\
 Settings come from environment variables, the original relay's among them:
@@ -19,29 +20,12 @@ example:
 """
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _cmd_run(args) -> int:
     from relay.runner import Relay
 
-    try:
-        settings = load_settings(
-            scp_port=args.port,
-            scp_ae_title=args.ae_title,
-            scp_hostname=args.host,
-            incoming_dir=args.incoming_dir,
-            fingerprint_dir=args.fingerprint_dir,
-        )
-    except ConfigError as exc:
-        print(f"isdr run: {exc}", file=sys.stderr)
+    settings = receiver_settings("run", args, fingerprint_dir=args.fingerprint_dir)
+    if settings is None:
         return 2
-    setup_logging(settings.log_level)
     relay = Relay(settings)
     try:
         relay.serve_forever()
@@ -63,10 +47,7 @@ def _add_run(subparsers) -> None:
         epilog=_RUN_EPILOG.format(names=" ".join(ENV_VARIABLES)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", help="address to listen on (SCP_HOSTNAME)")
-    parser.add_argument("--port", type=int, help="DICOM port to listen on (SCP_PORT)")
-    parser.add_argument("--ae-title", help="the relay's AE title (SCP_AE_TITLE)")
-    parser.add_argument("--incoming-dir", type=Path, help="storage root for STORAGE=local (INCOMING_DIR)")
+    add_receiver_arguments(parser)
     parser.add_argument("--fingerprint-dir", type=Path, help="folder of fingerprints (FINGERPRINT_DIR)")
     parser.set_defaults(func=_cmd_run)
 

@@ -14,7 +14,7 @@ log = logging.getLogger("isdr_operator")
 def run_operator(args) -> int:
     import kopf
 
-    from relay.cli import setup_logging
+    from relay.cli_common import setup_logging
 
     from isdr_operator import handlers
     from isdr_operator.kube_api import OperatorApi

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
-from pathlib import Path
 
-from relay.config import ENV_VARIABLES, ConfigError, load_settings
+from relay.cli_common import add_receiver_arguments, receiver_settings
+from relay.config import ENV_VARIABLES
 
 log = logging.getLogger("relay.scp")
 
@@ -62,10 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--namespace", help="namespace of the DicomSeries (default: see below)")
-    parser.add_argument("--host", help="address to listen on (SCP_HOSTNAME)")
-    parser.add_argument("--port", type=int, help="DICOM port to listen on (SCP_PORT)")
-    parser.add_argument("--ae-title", help="the receiver's AE title (SCP_AE_TITLE)")
-    parser.add_argument("--incoming-dir", type=Path, help="storage root for STORAGE=local (INCOMING_DIR)")
+    add_receiver_arguments(parser)
     parser.add_argument("--kubeconfig", help="use this kubeconfig file instead of KUBECONFIG / in-cluster")
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM, wait this long for running associations to finish, then "
@@ -78,19 +74,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from relay.cli import setup_logging
-
-    try:
-        settings = load_settings(
-            scp_port=args.port,
-            scp_ae_title=args.ae_title,
-            scp_hostname=args.host,
-            incoming_dir=args.incoming_dir,
-        )
-    except ConfigError as exc:
-        print(f"isdr scp: {exc}", file=sys.stderr)
+    settings = receiver_settings("scp", args)
+    if settings is None:
         return 2
-    setup_logging(settings.log_level)
     return serve(settings, namespace=args.namespace, kubeconfig=args.kubeconfig,
                  drain_timeout=args.drain_timeout, flush_timeout=args.flush_timeout)
 
