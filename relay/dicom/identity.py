@@ -25,6 +25,8 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _SEQUENCE_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 _FREE_TEXT_LIMIT = 256  # LO is 64 characters; anything much longer is garbage, not a description
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _MODALITY = 0x0020000D, 0x0020000E, 0x00080060
 
 
 class UndecodableDataset(ValueError):
@@ -101,19 +103,33 @@ def _text(dataset: Dataset, keyword: str) -> str:
     return text[:_FREE_TEXT_LIMIT]
 
 
+def _ascii(dataset: Dataset, tag: int) -> str:
+    """An ASCII-only value (UI, CS) read from its raw bytes.
+
+    These are read for every instance; pydicom's conversion and validation of each value costs
+    more than the rest of identifying, and require_uid checks UIDs more strictly anyway."""
+    element = dataset._dict.get(tag)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("ascii", "replace")
+    return "" if value is None else str(value)  # already converted (a dataset built in memory)
+
+
 def identify(dataset: Dataset) -> InstanceIdentity:
     """Validated identity of an instance; raises InvalidUID naming the attribute at fault."""
-    sop_class_uid = require_uid("SOPClassUID", dataset.get("SOPClassUID"))
-    sop_instance_uid = require_uid("SOPInstanceUID", dataset.get("SOPInstanceUID"))
-    series_uid = require_uid("SeriesInstanceUID", dataset.get("SeriesInstanceUID"))
-    study = dataset.get("StudyInstanceUID")
+    sop_class_uid = require_uid("SOPClassUID", _ascii(dataset, _SOP_CLASS_UID))
+    sop_instance_uid = require_uid("SOPInstanceUID", _ascii(dataset, _SOP_INSTANCE_UID))
+    series_uid = require_uid("SeriesInstanceUID", _ascii(dataset, _SERIES_INSTANCE_UID))
+    study = _ascii(dataset, _STUDY_INSTANCE_UID).rstrip("\x00 ")
     study_uid = require_uid("StudyInstanceUID", study) if study else None
     return InstanceIdentity(
         series=SeriesKey(series_uid, sop_class_uid),
         sop_instance_uid=sop_instance_uid,
         study_uid=study_uid,
         attributes=SeriesAttributes(
-            modality=_text(dataset, "Modality"),
+            modality=_ascii(dataset, _MODALITY).strip("\x00 ")[:_FREE_TEXT_LIMIT],
             sop_class_uid=sop_class_uid,
             series_description=_text(dataset, "SeriesDescription"),
             study_description=_text(dataset, "StudyDescription"),

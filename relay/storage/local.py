@@ -45,6 +45,9 @@ class LocalStorage(Storage):
         with self._dirs_lock:
             if folder in self._known_dirs:
                 return
+            if not folder.resolve().is_relative_to(self.root):
+                # check_key refuses '..'; this catches a symlinked folder pointing outside.
+                raise StorageError(f"storage folder {folder} resolves outside {self.root}")
             missing = []
             current = folder
             while not current.exists():
@@ -57,7 +60,9 @@ class LocalStorage(Storage):
             self._known_dirs.add(folder)
 
     def put(self, key: str, chunks: Chunks) -> None:
-        path = self._path(key)
+        # The folder is checked once (in _ensure_dir), not per file: the file itself is renamed
+        # into place, which replaces a symlink there rather than following it.
+        path = self.root / check_key(key)
         if self.min_free_bytes:
             free = self.free_bytes()
             if free is not None and free < self.min_free_bytes:

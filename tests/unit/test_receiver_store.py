@@ -82,6 +82,18 @@ def test_malformed_uids_are_refused_without_storing(setup, attribute):
     assert not list(root.rglob("*.dcm")) and not sink.instances
 
 
+def test_padding_is_not_part_of_a_uid_or_the_modality(setup):
+    """Odd-length values are padded to even length: UIDs with NUL, code strings with a space."""
+    ds, receiver, sink, root = setup
+    ds.SeriesInstanceUID, ds.Modality = "1.2.3.4", "SEG"
+    raw = encoded(ds)
+    assert b"1.2.3.4\x00" in raw and b"SEG " in raw
+    assert store(receiver, ds, raw) == rx.SUCCESS
+    identity = sink.instances[-1].identity
+    assert identity.series.series_uid == "1.2.3.4"
+    assert identity.attributes.modality == "SEG"
+
+
 def test_missing_series_uid_is_refused(setup):
     ds, receiver, sink, root = setup
     del ds.SeriesInstanceUID
