@@ -40,6 +40,17 @@ async def shutdown(**_) -> None:
     await asyncio.to_thread(RUNTIME.stop)
 
 
+# A step waits on the API server and on storage, each with its own timeouts; one that runs this
+# long means the operator is wedged, and a restart (liveness probe) is the way out.
+STUCK_AFTER_SECONDS = 600.0
+
+
+@kopf.on.probe(id="scheduler")
+def scheduler_health(**_) -> dict:
+    """Served at --liveness (the chart's livenessProbe); raising makes the probe fail."""
+    return RUNTIME.scheduler.health(stuck_after=STUCK_AFTER_SECONDS)
+
+
 @kopf.on.event(GROUP, VERSION, "fingerprints")
 async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's keyword
     await asyncio.to_thread(RUNTIME.fingerprint_event, type, dict(body))

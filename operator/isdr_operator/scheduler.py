@@ -16,6 +16,10 @@ from typing import Callable
 log = logging.getLogger("isdr_operator.scheduler")
 
 
+class SchedulerStuck(RuntimeError):
+    pass
+
+
 class Scheduler:
     def __init__(self, step: Callable[[str], float | None], clock=time.monotonic,
                  retry_after_error: float = 5.0):
@@ -27,6 +31,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # clock() when the running step began
 
     def poke(self, name: str, delay: float = 0.0) -> None:
         """Look at `name` after `delay` seconds (or sooner if it is already due sooner)."""
@@ -62,13 +67,27 @@ class Scheduler:
 
     def run(self) -> None:
         while (name := self._next()) is not None:
+            self._step_started = self._clock()
             try:
                 again = self._step(name)
             except Exception:  # one broken series must not stop the others
                 log.exception("step for %s failed; retrying in %.0fs", name, self._retry_after_error)
                 again = self._retry_after_error
+            finally:
+                self._step_started = None
             if again is not None:
                 self.poke(name, again)
+
+    def health(self, stuck_after: float) -> dict:
+        """For the liveness probe: raises SchedulerStuck if no step can run any more."""
+        if self._thread is None or not self._thread.is_alive():
+            raise SchedulerStuck("the series scheduler thread is not running")
+        started = self._step_started
+        running_for = 0.0 if started is None else self._clock() - started
+        if running_for > stuck_after:
+            raise SchedulerStuck(f"one series step has been running for {running_for:.0f}s")
+        with self._cond:
+            return {"scheduled": len(self._due), "step_running_for": round(running_for, 1)}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="series-scheduler", daemon=True)

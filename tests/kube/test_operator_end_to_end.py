@@ -62,6 +62,7 @@ class Relay:
         }
         self.scp = self.operator = None
         self.operator_starts = 0
+        self.health_port = free_port()
 
     def start(self) -> "Relay":
         self.scp = ManagedProcess([sys.executable, "-m", "relay.cli", "scp", "--namespace", self.namespace],
@@ -73,11 +74,19 @@ class Relay:
     def start_operator(self) -> None:
         self.operator_starts += 1
         self.operator = ManagedProcess(
-            [sys.executable, "-m", "relay.cli", "operator", "--namespace", self.namespace, "--peering", "isdr"],
+            [sys.executable, "-m", "relay.cli", "operator", "--namespace", self.namespace, "--peering", "isdr",
+             "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
             self.workdir / f"operator-{self.operator_starts}.log", env=self.env, cwd=REPO_ROOT)
         wait_until(lambda: "operator ready" in self.operator_log() or self.operator.poll() is not None,
                    60, "the operator to start")
         assert self.operator.poll() is None, self.operator_log()
+
+    def health(self) -> tuple[int, dict]:
+        """What the chart's livenessProbe would see."""
+        import requests
+
+        response = requests.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=10)
+        return response.status_code, response.json()
 
     def operator_log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
@@ -240,6 +249,8 @@ def test_fingerprint_to_predictions_through_one_job(kube_cluster, relay, peers, 
     everything = json.dumps(series) + r.operator_log() + story + json.dumps(job.to_dict(), default=str)
     assert "Zebra" not in everything and "PID-4711" not in everything
     assert emulator.stats()["submits"] == 1
+    status, health = r.health()
+    assert status == 200 and "scheduled" in health["scheduler"], health
     import re
     from datetime import datetime
     stamp = re.search(r"^(\S+ \S+) INFO +isdr_operator.series: series \S+: created Job", r.operator_log(), re.M)

@@ -10,7 +10,7 @@ from isdr_operator.conditions import condition, same_conditions, set_condition
 from isdr_operator.driver import late_arrivals, progress
 from isdr_operator.fingerprints import evaluate
 from isdr_operator.jobs import build_job, job_outcome
-from isdr_operator.scheduler import Scheduler
+from isdr_operator.scheduler import Scheduler, SchedulerStuck
 from isdr_operator.settings import JobSettings, load_operator_settings
 from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
 from relay.kube.series_resource import to_rfc3339
@@ -211,3 +211,29 @@ def test_scheduler_survives_a_failing_step_and_retries_it():
     finally:
         scheduler.stop()
     assert attempts == ["s", "s"]
+
+
+def test_scheduler_health_fails_when_a_step_hangs_or_the_thread_is_gone():
+    release, entered = threading.Event(), threading.Event()
+
+    def step(name):
+        entered.set()
+        release.wait(5)  # a step wedged on something that never answers
+
+    scheduler = Scheduler(step)
+    with pytest.raises(SchedulerStuck, match="not running"):
+        scheduler.health(stuck_after=60)
+    scheduler.start()
+    try:
+        assert scheduler.health(stuck_after=60) == {"scheduled": 0, "step_running_for": 0.0}
+        scheduler.poke("s")
+        assert entered.wait(3)
+        time.sleep(0.05)
+        assert scheduler.health(stuck_after=60)["step_running_for"] < 60
+        with pytest.raises(SchedulerStuck, match="one series step has been running"):
+            scheduler.health(stuck_after=0.01)
+        release.set()
+    finally:
+        scheduler.stop()
+    with pytest.raises(SchedulerStuck):
+        scheduler.health(stuck_after=60)
