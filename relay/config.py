@@ -56,6 +56,10 @@ class Settings:
     allowed_calling_ae_titles: tuple[str, ...] = ()
     allowed_peer_addresses: tuple[str, ...] = ()
     max_pdu_size: int = 0  # 0: unlimited, as large as the peer sends (fewer PDUs, faster)
+    # How long pynetdicom's network loop sleeps when an association has nothing to do. Its
+    # default (1 ms) is paid several times per C-STORE; 0.2 ms makes small instances ~30% faster
+    # for ~6% more of a core per open association.
+    scp_poll_interval: float = 0.0002
 
     # --- storage ---
     incoming_dir: Path = Path("./isdr-data")  # original image: /opt/app/data/INCOMING
@@ -111,6 +115,7 @@ _ENV = {
     "SCP_ALLOWED_AE_TITLES": ("allowed_calling_ae_titles", lambda n, v: _parse_list(v)),
     "SCP_ALLOWED_ADDRESSES": ("allowed_peer_addresses", lambda n, v: _parse_list(v)),
     "SCP_MAX_PDU": ("max_pdu_size", lambda n, v: _parse_number(n, v, int, 0)),
+    "SCP_POLL_INTERVAL": ("scp_poll_interval", lambda n, v: _parse_number(n, v, float, 0.00005)),
     "INCOMING_DIR": ("incoming_dir", lambda n, v: Path(v)),
     "STORAGE": ("storage", lambda n, v: v.strip().lower()),
     "S3_ENDPOINT_URL": ("s3_endpoint_url", lambda n, v: v.strip() or None),

@@ -8,7 +8,8 @@ Receivers, each started fresh for every round:
   * storescp        dcmtk's own SCP (the reference)
   * bare-pynetdicom a pynetdicom handler that only writes event.encoded_dataset() to a file
   * isdr-run        the relay (validates, fsyncs before answering, registers the series)
-Prints instances per second (median of --rounds) and the ratio to storescp.
+Prints instances per second (median of --rounds) and the ratios to storescp and to the bare
+pynetdicom handler.
 
     python scripts/bench_receive.py [--rounds 3] [--data benchmark-data]
 """
@@ -128,6 +129,10 @@ def prepare(data: Path) -> dict[str, tuple[Path, int]]:
     return {"300 CT 512x512": (ct, 300), "2000 small": (small, 2000)}
 
 
+def ratio(rate: float, reference: float | None) -> str:
+    return f"{rate / reference:.2f}" if reference else "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver and workload (median)")
@@ -138,14 +143,13 @@ def main() -> int:
         print("dcmtk is not installed (make system-deps)", file=sys.stderr)
         return 2
     receivers = args.receivers.split(",")
-    print(f"{'workload':<16} {'receiver':<16} {'inst/s':>8} {'vs storescp':>11}")
+    print(f"{'workload':<16} {'receiver':<16} {'inst/s':>8} {'vs storescp':>11} {'vs bare':>8}")
     for name, (folder, count) in prepare(args.data).items():
-        reference = None
+        rates: dict[str, float] = {}
         for kind in receivers:
-            rate = measure(kind, folder, count, args.rounds)
-            reference = rate if kind == "storescp" else reference
-            ratio = f"{rate / reference:.2f}" if reference else "-"
-            print(f"{name:<16} {kind:<16} {rate:8.1f} {ratio:>11}", flush=True)
+            rate = rates[kind] = measure(kind, folder, count, args.rounds)
+            print(f"{name:<16} {kind:<16} {rate:8.1f} {ratio(rate, rates.get('storescp')):>11} "
+                  f"{ratio(rate, rates.get('bare-pynetdicom')):>8}", flush=True)
     return 0
 
 

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification
 from relay.config import Settings
 from relay.dicom.file_meta import file_header
 from relay.dicom.identity import InstanceIdentity, UndecodableDataset, identify, parse_dataset
-from relay.dicom.network import NODELAY_HANDLER, configure_pynetdicom_logging
+from relay.dicom.network import NODELAY_HANDLER, configure_pynetdicom_logging, set_poll_interval
 from relay.storage.base import Storage, StorageError, StorageFull
 from relay.uids import InvalidUID
 
@@ -85,6 +85,7 @@ class Receiver:
         ae = self.build_ae()
         handlers = [
             NODELAY_HANDLER,
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_RELEASED, self._on_association_end),
@@ -115,6 +116,9 @@ class Receiver:
         if server is not None:
             server.shutdown()
             _drain(server, drain_timeout)
+
+    def _on_connection(self, event) -> None:
+        set_poll_interval(event.assoc, self.settings.scp_poll_interval)
 
     # --- access control ---
 

@@ -40,6 +40,23 @@ def test_settings_use_the_original_relays_names_and_defaults():
     assert settings.allowed_calling_ae_titles == ("CT1", "MR2")
 
 
+def test_the_receivers_poll_interval_reaches_each_association():
+    from types import SimpleNamespace
+
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+    from relay.dicom.network import set_poll_interval
+
+    assert load_settings({}).scp_poll_interval == 0.0002
+    assert load_settings({"SCP_POLL_INTERVAL": "0.001"}).scp_poll_interval == 0.001
+    association = Association(AE(), "acceptor")  # the installed pynetdicom still has the knob
+    assert association.dul._run_loop_delay == 0.001
+    set_poll_interval(association, 0.0002)
+    assert association.dul._run_loop_delay == 0.0002
+    set_poll_interval(SimpleNamespace(dul=SimpleNamespace()), 0.0002)  # a pynetdicom without the knob
+
+
 @pytest.mark.parametrize("env, message", [
     ({"SCP_PORT": "http"}, "SCP_PORT"),
     ({"SCP_PORT": "70000"}, "SCP_PORT"),
@@ -48,6 +65,7 @@ def test_settings_use_the_original_relays_names_and_defaults():
     ({"STORAGE": "s3"}, "S3_BUCKET"),
     ({"LATE_INSTANCE_POLICY": "drop"}, "LATE_INSTANCE_POLICY"),
     ({"CERT_FILE": "/nonexistent/ca.pem"}, "CERT_FILE"),
+    ({"SCP_POLL_INTERVAL": "0"}, "SCP_POLL_INTERVAL"),  # a busy loop would eat a core per association
 ])
 def test_bad_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
