@@ -88,6 +88,9 @@ class Relay:
         response = requests.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=10)
         return response.status_code, response.json()
 
+    def scp_log(self) -> str:
+        return (self.workdir / "scp.log").read_text(errors="replace")
+
     def operator_log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
 
@@ -246,7 +249,9 @@ def test_fingerprint_to_predictions_through_one_job(kube_cluster, relay, peers, 
     for line in ("fetched 6 instances", "submitted 6 instances", "received 1 predictions",
                  f"stored 1 predictions to PACS@127.0.0.1:{pacs.port}", "deleted remote task"):
         assert line in story, story
-    everything = json.dumps(series) + r.operator_log() + story + json.dumps(job.to_dict(), default=str)
+    events = [e.to_dict() for e in r.events(resource_name(key)) + r.events("ct-organs")]
+    everything = (json.dumps(series) + r.operator_log() + story + json.dumps(job.to_dict(), default=str)
+                  + json.dumps(events, default=str) + r.scp_log())
     assert "Zebra" not in everything and "PID-4711" not in everything
     assert emulator.stats()["submits"] == 1
     status, health = r.health()
