@@ -441,6 +441,22 @@ def write_instance(
 # --- command line ---------------------------------------------------------------------------
 
 
+def _add_common_arguments(parser: argparse.ArgumentParser, count: int, count_help: str,
+                          series_description: str) -> None:
+    """DEST, --count, and the descriptive attributes every kind of sample writes."""
+    parser.add_argument("dest", type=Path, metavar="DEST", help="folder to write into (created if missing)")
+    parser.add_argument("--count", type=int, default=count, help=f"{count_help} (default: %(default)s)")
+    parser.add_argument("--series-description", default=series_description, help="SeriesDescription")
+    parser.add_argument("--study-description", default="Synthetic study", help="StudyDescription")
+    parser.add_argument("--patient-id", default=DEFAULT_PATIENT_ID, help="PatientID (default: %(default)s)")
+    parser.add_argument("--patient-name", default=DEFAULT_PATIENT_NAME, help="PatientName")
+
+
+def _common_attributes(args: argparse.Namespace) -> dict:
+    return {"series_description": args.series_description, "study_description": args.study_description,
+            "patient_id": args.patient_id, "patient_name": args.patient_name}
+
+
 def _configure_parser(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
@@ -449,15 +465,10 @@ def _configure_parser(parser: argparse.ArgumentParser) -> None:
         help="one CT series with consistent geometry (512x512 slices by default)",
         description="Write one synthetic CT series (CT Image Storage, Part-10 files) into DEST.",
     )
-    ct.add_argument("dest", type=Path, metavar="DEST", help="folder to write into (created if missing)")
-    ct.add_argument("--count", type=int, default=50, help="number of slices (default: %(default)s)")
+    _add_common_arguments(ct, count=50, count_help="number of slices", series_description="Synthetic CT")
     ct.add_argument("--rows", type=int, default=512, help="image rows (default: %(default)s)")
     ct.add_argument("--cols", type=int, default=512, help="image columns (default: %(default)s)")
     ct.add_argument("--modality", default="CT", help="Modality written (default: %(default)s)")
-    ct.add_argument("--series-description", default="Synthetic CT", help="SeriesDescription")
-    ct.add_argument("--study-description", default="Synthetic study", help="StudyDescription")
-    ct.add_argument("--patient-id", default=DEFAULT_PATIENT_ID, help="PatientID (default: %(default)s)")
-    ct.add_argument("--patient-name", default=DEFAULT_PATIENT_NAME, help="PatientName")
     ct.add_argument("--study-uid", default=None, help="StudyInstanceUID (default: a new one)")
     ct.set_defaults(func=_run_ct)
 
@@ -466,8 +477,8 @@ def _configure_parser(parser: argparse.ArgumentParser) -> None:
         help="many small instances (16x16 MR or secondary capture), for benchmarks",
         description="Write many small synthetic instances, spread over one or more series of one study.",
     )
-    small.add_argument("dest", type=Path, metavar="DEST", help="folder to write into (created if missing)")
-    small.add_argument("--count", type=int, default=100, help="number of instances (default: %(default)s)")
+    _add_common_arguments(small, count=100, count_help="number of instances",
+                          series_description="Synthetic small series")
     small.add_argument("--series", type=int, default=1, help="number of series (default: %(default)s)")
     small.add_argument(
         "--kind",
@@ -476,10 +487,6 @@ def _configure_parser(parser: argparse.ArgumentParser) -> None:
         help="mr: MR images with geometry; sc: secondary captures without geometry (default: %(default)s)",
     )
     small.add_argument("--size", type=int, default=16, help="rows and columns (default: %(default)s)")
-    small.add_argument("--series-description", default="Synthetic small series", help="SeriesDescription")
-    small.add_argument("--study-description", default="Synthetic study", help="StudyDescription")
-    small.add_argument("--patient-id", default=DEFAULT_PATIENT_ID, help="PatientID (default: %(default)s)")
-    small.add_argument("--patient-name", default=DEFAULT_PATIENT_NAME, help="PatientName")
     small.set_defaults(func=_run_small)
 
 
@@ -490,11 +497,8 @@ def _run_ct(args: argparse.Namespace) -> int:
         rows=args.rows,
         cols=args.cols,
         modality=args.modality,
-        series_description=args.series_description,
-        study_description=args.study_description,
-        patient_id=args.patient_id,
-        patient_name=args.patient_name,
         study_uid=args.study_uid,
+        **_common_attributes(args),
     )
     print(f"wrote {len(paths)} CT instances to {args.dest}")
     return 0
@@ -507,10 +511,7 @@ def _run_small(args: argparse.Namespace) -> int:
         series_count=args.series,
         kind=args.kind,
         size=args.size,
-        series_description=args.series_description,
-        study_description=args.study_description,
-        patient_id=args.patient_id,
-        patient_name=args.patient_name,
+        **_common_attributes(args),
     )
     print(f"wrote {len(paths)} {args.kind.upper()} instances in {args.series} series to {args.dest}")
     return 0

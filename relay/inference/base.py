@@ -108,17 +108,22 @@ def validate_uid(uid) -> str:
     return uid
 
 
+def _json_or_text(body: str):
+    """The JSON value of `body`, or the stripped text itself when it is not JSON."""
+    text = body.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def parse_task_uid(body: str) -> str:
     """The task uid from a submit answer: a JSON string (v1), an object with `uid` (v2).
 
     Both shapes are accepted from both generations, and so is a bare unquoted uid: servers in
     the field differ in details, and the uid is validated either way.
     """
-    text = body.strip()
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
+    value = _json_or_text(body)
     if isinstance(value, dict):
         value = value.get("uid")
     return validate_uid(value)
@@ -127,11 +132,7 @@ def parse_task_uid(body: str) -> str:
 def server_message(body: bytes | str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """A short, printable message from an error body: JSON {"detail": ...}, a JSON string, or text."""
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    text = text.strip()
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
+    value = _json_or_text(text)
     if isinstance(value, dict):
         for key in ("detail", "message", "error"):
             if key in value:

@@ -298,3 +298,19 @@ class HttpTransport:
             if is_transient(status):
                 raise ServerUnavailable(message, status)
             raise InferenceError(message)
+
+
+class PooledClient:
+    """close() and `with` for a protocol client that keeps its HttpTransport in `self.http`."""
+
+    http: HttpTransport
+
+    def close(self) -> None:
+        """Close pooled connections (a garbage-collected client closes them too, only later)."""
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .base import ClientSettings, PollResult, validate_uid
-from .http import HttpTransport
+from .http import HttpTransport, PooledClient
 
 
 def normalize_tasks_url(url: str) -> str:
@@ -29,7 +29,7 @@ def normalize_tasks_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-class V1Client:
+class V1Client(PooledClient):
     protocol = "v1"
 
     def __init__(self, tasks_url: str, settings: ClientSettings, download_dir: Path):
@@ -60,13 +60,3 @@ class V1Client:
 
     def delete(self, uid: str) -> None:
         self.http.delete(self.task_url(uid), None)
-
-    def close(self) -> None:
-        """Close pooled connections (a garbage-collected client closes them too, only later)."""
-        self.http.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

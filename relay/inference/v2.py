@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .base import ClientSettings, PollResult, validate_uid
-from .http import HttpTransport
+from .http import HttpTransport, PooledClient
 
 
 def normalize_base_url(url: str) -> str:
@@ -29,7 +29,7 @@ def normalize_base_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
-class V2Client:
+class V2Client(PooledClient):
     protocol = "v2"
 
     def __init__(self, base_url: str, settings: ClientSettings, download_dir: Path):
@@ -58,13 +58,3 @@ class V2Client:
 
     def delete(self, uid: str) -> None:
         self.http.delete(self.tasks_url, {"uid": validate_uid(uid)})
-
-    def close(self) -> None:
-        """Close pooled connections (a garbage-collected client closes them too, only later)."""
-        self.http.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

@@ -31,25 +31,6 @@ class KubeConnection:
     in_cluster: bool
     server: str  # the API server's URL, for log lines
 
-    @property
-    def custom(self):
-        """A CustomObjectsApi on this connection."""
-        from kubernetes import client
-
-        return client.CustomObjectsApi(self.api_client)
-
-    @property
-    def core(self):
-        from kubernetes import client
-
-        return client.CoreV1Api(self.api_client)
-
-    @property
-    def batch(self):
-        from kubernetes import client
-
-        return client.BatchV1Api(self.api_client)
-
     def close(self) -> None:
         self.api_client.close()
 
