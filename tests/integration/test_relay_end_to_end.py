@@ -13,6 +13,7 @@ import pydicom
 from relay.synthetic import write_ct_series
 from tests.support.processes import wait_until
 from tests.support.dicom_peers import echoscu, storescu
+from tests.support.fingerprints import manifest
 
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 
@@ -28,22 +29,6 @@ def seed(url, model, pacs, **match):
         "inference_server_url": url,
         "model_human_readable_id": model,
         "scus": [{"scu_ip": "127.0.0.1", "scu_port": str(pacs.port), "scu_ae_title": pacs.ae_title}],
-    }
-
-
-def manifest(name, url, model, pacs, protocol="v2", modality="CT", ca_path=None, **server):
-    inference_server = {"url": url, "protocol": protocol, "model": model, **server}
-    if ca_path:
-        inference_server["caBundle"] = {"path": str(ca_path)}
-    return {
-        "apiVersion": "isdr.io/v1alpha1",
-        "kind": "Fingerprint",
-        "metadata": {"name": name},
-        "spec": {
-            "match": {"modality": modality},
-            "inferenceServer": inference_server,
-            "destinations": [{"host": "127.0.0.1", "port": pacs.port, "aeTitle": pacs.ae_title}],
-        },
     }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from relay.synthetic import write_ct_series
-from tests.integration.test_relay_end_to_end import manifest, send
+from tests.integration.test_relay_end_to_end import send
+from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until
 from tests.support.s3 import relay_s3_env
 

@@ -23,6 +23,7 @@ from relay.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.dicom_peers import StoreSCP, storescu
 from tests.support.emulator import EmulatorProcess
+from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until, ManagedProcess, free_port, require_dcmtk, wait_for_port
 
 pytestmark = pytest.mark.kube
@@ -146,16 +147,7 @@ class Relay:
 
 
 def fingerprint_manifest(name, emulator, pacs, model="toy", modality="^CT$", **server):
-    return {
-        "apiVersion": "isdr.io/v1alpha1",
-        "kind": "Fingerprint",
-        "metadata": {"name": name},
-        "spec": {
-            "match": {"modality": modality},
-            "inferenceServer": {"url": emulator.base_url, "protocol": "v2", "model": model, **server},
-            "destinations": [{"host": "127.0.0.1", "port": pacs.port, "aeTitle": pacs.ae_title}],
-        },
-    }
+    return manifest(name, emulator.base_url, model, pacs, modality=modality, **server)
 
 
 @pytest.fixture

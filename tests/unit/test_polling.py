@@ -9,6 +9,7 @@ import pytest
 
 from relay.inference.base import PollResult, ServerUnavailable, TaskFailed
 from relay.inference.polling import PollPolicy, WaitStopped, next_step, wait_for_outputs
+from tests.support.fake_time import FakeTime
 
 SUBMITTED_AT = 1_700_000_000.0
 ARCHIVE = Path("/downloads/abc.zip")
@@ -17,22 +18,6 @@ PENDING = PollResult("pending", None, "GET x: HTTP 551", 551)
 NOT_FOUND = PollResult("not_found", None, "GET x: HTTP 554 (task not found)", 554)
 READY = PollResult("ready", ARCHIVE, "", 200)
 ERROR_500 = PollResult("error", None, "GET x: HTTP 500: boom", 500)
-
-
-class FakeTime:
-    """An epoch clock that only moves when the loop sleeps (or a poll takes time)."""
-
-    def __init__(self, now: float):
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class ScriptedClient:

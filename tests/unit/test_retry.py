@@ -7,20 +7,7 @@ import itertools
 import pytest
 
 from relay.retry import Backoff, retry_call
-
-
-class FakeTime:
-    def __init__(self, start: float = 1000.0):
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.support.fake_time import FakeTime
 
 
 class Flaky:
