@@ -17,10 +17,10 @@ system-deps:
 ## python-deps: a virtual environment in .venv with the relay and its test dependencies
 python-deps: $(BIN)/isdr
 
-$(BIN)/isdr: pyproject.toml
+$(BIN)/isdr: pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -e ./devtools
 	@touch $@
 
 ## k8s-binaries: etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built from Go modules (cached)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from relay import __version__
 from relay.cli_common import add_receiver_arguments, receiver_settings
@@ -79,19 +80,35 @@ def _add_operator(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+# Subcommands that other distributions add (isdr-devtools: `emulator`, `sample`).
+PLUGIN_GROUP = "isdr.commands"
+# Named here so that asking for one where it is not installed says where it comes from.
+DEVTOOLS_COMMANDS = {"emulator": "the InferenceServer emulator", "sample": "synthetic DICOM series"}
+
+
 def _more_subcommands(subparsers) -> None:
-    from relay.emulator.cli import add_parser as add_emulator
     from relay.fingerprints.commands import add_parser as add_fingerprint
     from relay.kube.job_command import add_parser as add_job
     from relay.kube.scp_command import add_parser as add_scp
-    from relay.synthetic import add_parser as add_sample
 
     add_scp(subparsers)
     _add_operator(subparsers)
     add_job(subparsers)
     add_fingerprint(subparsers)
-    add_emulator(subparsers)
-    add_sample(subparsers)
+    for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        entry_point.load()(subparsers)
+
+
+def _missing_devtool(argv: list[str]) -> str | None:
+    """The hint for `isdr emulator|sample` where the development tools are not installed."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command not in DEVTOOLS_COMMANDS:
+        return None
+    if any(ep.name == command for ep in entry_points(group=PLUGIN_GROUP)):
+        return None
+    return (f"isdr {command} ({DEVTOOLS_COMMANDS[command]}) is a development tool and is not "
+            "installed here: pip install ./devtools (make python-deps does it). The product image "
+            "does not carry it.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hint = _missing_devtool(sys.argv[1:] if argv is None else argv)
+    if hint:
+        print(f"isdr: {hint}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

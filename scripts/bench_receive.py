@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.synthetic import write_ct_series, write_small_instances  # noqa: E402
+from isdr_devtools.synthetic import write_ct_series, write_small_instances  # noqa: E402
 from tests.support.processes import find_dcmtk  # noqa: E402
 
 STORESCU = find_dcmtk("storescu") or "storescu"

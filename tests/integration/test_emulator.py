@@ -18,7 +18,7 @@ import pytest
 import requests
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, SecondaryCaptureImageStorage
 
-from relay import synthetic
+from isdr_devtools import synthetic
 from tests.support.emulator import EmulatorProcess
 
 PATIENT_ID = "PID-SECRET-4711"

@@ -1,6 +1,6 @@
 """The InferenceServer client against real HTTP(S) peers.
 
-Most tests run the InferenceServer emulator (`python -m relay.emulator`) as a separate process;
+Most tests run the InferenceServer emulator (`python -m isdr_devtools.emulator`) as a separate process;
 a few edge cases the emulator does not produce (a hostile task uid, a response that never comes)
 use a tiny scripted HTTP server in this file. The pure rules of the client (uid parsing, message
 extraction, URL handling) are checked at the top, without any server.
@@ -147,7 +147,7 @@ def test_make_client_picks_the_protocol_and_the_fingerprints_ca_bundle(tmp_path)
 
 def _emulator_class():
     if not (REPO_ROOT / "relay" / "emulator" / "__main__.py").exists():
-        missing("the InferenceServer emulator (relay/emulator)")
+        missing("the InferenceServer emulator (devtools/isdr_devtools/emulator)")
     try:
         from tests.support.emulator import EmulatorProcess
     except ImportError:
@@ -173,7 +173,7 @@ def start_emulator(tmp_path):
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory) -> dict[str, list[Path]]:
-    from relay.synthetic import write_ct_series
+    from isdr_devtools.synthetic import write_ct_series
 
     root = tmp_path_factory.mktemp("series")
     files = write_ct_series(root, count=3, rows=16, cols=16)
@@ -291,7 +291,7 @@ def test_tls_with_the_emulators_ca(start_emulator, series, tmp_path, protocol):
 
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
 def test_tls_verification_fails_with_the_wrong_ca(start_emulator, series, tmp_path, protocol):
-    from relay.emulator.tls import ensure_tls_files
+    from isdr_devtools.emulator.tls import ensure_tls_files
 
     emulator = start_emulator(tls=True, delay=0.3)
     other_ca = ensure_tls_files(tmp_path / "other-ca").ca_cert

@@ -10,7 +10,7 @@ import time
 
 import pydicom
 
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 from tests.support.processes import wait_until
 from tests.support.dicom_peers import echoscu, storescu
 from tests.support.fingerprints import manifest

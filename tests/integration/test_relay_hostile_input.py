@@ -9,7 +9,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from relay.synthetic import write_ct_series, write_instance
+from isdr_devtools.synthetic import write_ct_series, write_instance
 from tests.integration.test_relay_end_to_end import send, wait_until
 from tests.support.fingerprints import manifest
 from tests.support.dicom_peers import storescu

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 from tests.integration.test_relay_end_to_end import send
 from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from relay.kube.series_resource import GROUP, LABEL_SERIES, PLURAL, VERSION, resource_name
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.dicom_peers import StoreSCP, storescu
 from tests.support.emulator import EmulatorProcess

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from relay.kube.series_resource import GROUP, PLURAL, VERSION, from_rfc3339, resource_name
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.dicom_peers import storescu
 from tests.support.kube import REPO_ROOT, wait_until

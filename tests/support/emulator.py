@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class EmulatorProcess:
-    """`python -m relay.emulator` in a child process, with its files under `tmp_path`/name."""
+    """`python -m isdr_devtools.emulator` in a child process, with its files under `tmp_path`/name."""
 
     def __init__(
         self,
@@ -80,7 +80,7 @@ class EmulatorProcess:
         args = [
             sys.executable,
             "-m",
-            "relay.emulator",
+            "isdr_devtools.emulator",
             "--port",
             str(port),
             "--port-file",

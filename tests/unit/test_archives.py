@@ -27,7 +27,7 @@ from relay.inference.archives import (
     safe_relative_parts,
     unique_names,
 )
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 
 MB = 1024 * 1024
 

@@ -11,7 +11,7 @@ from relay.config import load_settings
 from relay.dicom import receiver as rx
 from relay.storage.base import StorageError, StorageFull
 from relay.storage.local import LocalStorage
-from relay.synthetic import write_ct_series
+from isdr_devtools.synthetic import write_ct_series
 
 IMPLICIT = "1.2.840.10008.1.2"
 

@@ -19,7 +19,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from relay import synthetic
+from isdr_devtools import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ def test_cli_writes_series(tmp_path):
 
 def test_cli_module_help():
     result = subprocess.run(
-        [sys.executable, "-m", "relay.synthetic", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "isdr_devtools.synthetic", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0
     assert "ct" in result.stdout and "small" in result.stdout

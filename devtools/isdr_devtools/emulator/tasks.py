@@ -29,7 +29,7 @@ from pathlib import Path
 from . import archives, models
 from .behaviours import Behaviour, Evil, Outcome, behaviour_for
 
-log = logging.getLogger("relay.emulator")
+log = logging.getLogger("isdr_devtools.emulator")
 
 V1, V2 = "v1", "v2"
 ARCHIVE_KIND = {V1: "zip", V2: "tar"}  # v1 speaks zip both ways, v2 tar

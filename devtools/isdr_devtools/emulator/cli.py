@@ -1,4 +1,4 @@
-"""Command line of the emulator: `python -m relay.emulator` and the `isdr emulator` subcommand."""
+"""Command line of the emulator: `python -m isdr_devtools.emulator` and the `isdr emulator` subcommand."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ Inspection for tests: GET /_emulator/stats (counters and tasks as JSON), POST /_
 (forget tasks and counters, re-arm --fail-submits).
 
 Example:
-  python -m relay.emulator --port 0 --port-file /tmp/emulator.port --tls-dir /tmp/emulator-tls
+  python -m isdr_devtools.emulator --port 0 --port-file /tmp/emulator.port --tls-dir /tmp/emulator-tls
   then use https://127.0.0.1:<port>/api/tasks/ (v1) or https://127.0.0.1:<port> (v2) with
   the CA bundle /tmp/emulator-tls/ca.pem.
 """
@@ -182,7 +182,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m relay.emulator",
+        prog="python -m isdr_devtools.emulator",
         description=_description(),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

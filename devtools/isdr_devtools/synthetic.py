@@ -10,8 +10,8 @@ few seconds, most of it disk writes).
 
 Command line (exposed by the lead as `isdr sample`):
 
-    python -m relay.synthetic ct DEST --count 120
-    python -m relay.synthetic small DEST --count 1000 --series 4
+    python -m isdr_devtools.synthetic ct DEST --count 120
+    python -m isdr_devtools.synthetic small DEST --count 1000 --series 4
 """
 
 from __future__ import annotations
@@ -528,7 +528,7 @@ def add_parser(subparsers, name: str = "sample") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m relay.synthetic", description=_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m isdr_devtools.synthetic", description=_DESCRIPTION)
     _configure_parser(parser)
     args = parser.parse_args(argv)
     try:

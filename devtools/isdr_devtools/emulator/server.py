@@ -43,7 +43,7 @@ from .stats import Stats
 from .tasks import V1, V2, StoreSettings, TaskStore
 from .tls import ensure_tls_files, server_context
 
-log = logging.getLogger("relay.emulator")
+log = logging.getLogger("isdr_devtools.emulator")
 
 _REASONS = {
     550: "Model Not Found",
