@@ -285,6 +285,25 @@ def test_dockerignore_matcher():
     assert not in_context("isdr-data/series/1.2/1.2/1.dcm", patterns)
 
 
+def packaged_top_level_packages() -> list[str]:
+    """Folders (relative to the repository) of the top-level packages pyproject.toml packages:
+    setuptools' find looks in every `where` folder (".", "operator") for the `include` names."""
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = []
+    for where in find.get("where", ["."]):
+        root = (REPO / where).resolve()
+        for folder in sorted(root.iterdir()):
+            if not (folder / "__init__.py").is_file():
+                continue
+            if any(re.fullmatch(re.escape(p.rstrip("*").rstrip(".")) + r".*", folder.name) for p in find["include"]):
+                found.append(folder.relative_to(REPO).as_posix())
+    return found
+
+
+def test_every_packaged_package_is_found_in_its_where_folder():
+    assert {"relay", "operator/isdr_operator"} <= set(packaged_top_level_packages())
+
+
 def test_the_build_context_holds_what_the_build_needs_and_nothing_else():
     files = context_files()
     tops = {f.split("/")[0] for f in files}
@@ -292,12 +311,8 @@ def test_the_build_context_holds_what_the_build_needs_and_nothing_else():
     assert {"pyproject.toml", "README.md", "crds", "relay"} <= tops
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["readme"] in files
-    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
-        root = pattern.rstrip("*").rstrip(".")
-        packages = [p for p in REPO.iterdir() if p.is_dir() and (p / "__init__.py").is_file()
-                    and re.fullmatch(re.escape(root) + r".*", p.name)]
-        for package in packages:
-            assert f"{package.name}/__init__.py" in files, f"{package.name}/ is packaged but not in .dockerignore's allow-list"
+    for package in packaged_top_level_packages():
+        assert f"{package}/__init__.py" in files, f"{package}/ is packaged but not in .dockerignore's allow-list"
     # never the test suite, the venv, git, caches or local data
     assert not tops & {"tests", ".venv", ".git", "isdr-data", "demo-data", "benchmark-data", "charts", "docs"}
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
@@ -341,4 +356,6 @@ def test_the_builder_stage_builds_the_wheel_from_the_context(tmp_path):
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "isdr = relay.cli:main" in archive.read(entry_points).decode()
     assert "relay/cli.py" in names
+    assert "isdr_operator/command.py" in names, "the operator's package must be in the wheel (isdr operator)"
+    assert not [n for n in names if n.startswith("isdr_devtools/")], "the development tools stay out"
     assert not [n for n in names if n.startswith("tests/")]
