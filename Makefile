@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 K8S_ASSETS_SCRIPT := hack/k8s/ensure-binaries.sh
 
-.PHONY: setup system-deps python-deps k8s-binaries demo test test-fast bench clean
+.PHONY: setup system-deps python-deps k8s-binaries image demo test test-fast bench clean
 
 ## setup: install everything the relay and its tests need (dcmtk, the Python environment, Kubernetes binaries)
 setup: system-deps python-deps k8s-binaries
 
-## system-deps: Debian packages the tests use as real peers (dcmtk's storescu/storescp/echoscu)
+## system-deps: Debian packages the tests use (dcmtk's storescu/storescp/echoscu; buildah and mmdebstrap for the image)
 system-deps:
 	@bash scripts/install-system-deps.sh
 
@@ -27,12 +27,16 @@ $(BIN)/isdr: pyproject.toml devtools/pyproject.toml
 k8s-binaries:
 	@if [ -x $(K8S_ASSETS_SCRIPT) ]; then bash $(K8S_ASSETS_SCRIPT); fi
 
+## image: the product image from the Dockerfile, built with buildah (cached; a warm run takes a second)
+image: system-deps
+	@bash hack/image/build.sh
+
 ## demo: the relay on its embedded defaults with the example InferenceServer and a destination, end to end
 demo: system-deps python-deps
 	@ISDR="$(abspath $(BIN))/isdr" bash scripts/demo.sh
 
-## test: the whole test suite (unit, integration with real DICOM/HTTP/S3 peers, Kubernetes)
-test: setup
+## test: the whole test suite (unit, integration with real DICOM/HTTP/S3 peers, the image, Kubernetes)
+test: setup image
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 ## test-fast: unit tests only

@@ -87,6 +87,7 @@ DEVTOOLS_COMMANDS = {"emulator": "the InferenceServer emulator", "sample": "synt
 
 
 def _more_subcommands(subparsers) -> None:
+    from relay.echo_command import add_parser as add_echo
     from relay.fingerprints.commands import add_parser as add_fingerprint
     from relay.kube.job_command import add_parser as add_job
     from relay.kube.scp_command import add_parser as add_scp
@@ -95,6 +96,7 @@ def _more_subcommands(subparsers) -> None:
     _add_operator(subparsers)
     add_job(subparsers)
     add_fingerprint(subparsers)
+    add_echo(subparsers)
     for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         entry_point.load()(subparsers)
 

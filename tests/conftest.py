@@ -1,2 +1,2 @@
 # Fixtures shared by several test folders.
-pytest_plugins = ["tests.support.s3"]
+pytest_plugins = ["tests.support.s3", "tests.support.image"]

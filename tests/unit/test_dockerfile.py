@@ -23,8 +23,23 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_build_context():
+    """hack/image/build_context.py: the .dockerignore matcher the image build uses too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_context", REPO / "hack" / "image" / "build_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_context = _load_build_context()
+in_context = build_context.in_context
+context_files = build_context.context_files
+dockerignore_patterns = build_context.dockerignore_patterns
 DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
 CHART = REPO / "charts" / "isdr"
 
 
@@ -220,60 +235,6 @@ def test_no_add_and_no_secrets_baked_in(stages):
 
 
 # --- the build context ----------------------------------------------------------------------------
-
-
-def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
-    """(exclude?, regex) per .dockerignore line, in order (Docker: the last match wins)."""
-    patterns = []
-    for raw in DOCKERIGNORE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        exclude = not line.startswith("!")
-        pattern = line.lstrip("!").strip("/")
-        regex = ""
-        i = 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                regex += "(?:.*/)?"
-                i += 3
-            elif pattern.startswith("**", i):
-                regex += ".*"
-                i += 2
-            elif pattern[i] == "*":
-                regex += "[^/]*"
-                i += 1
-            elif pattern[i] == "?":
-                regex += "[^/]"
-                i += 1
-            else:
-                regex += re.escape(pattern[i])
-                i += 1
-        patterns.append((exclude, re.compile(regex + r"\Z")))
-    return patterns
-
-
-def in_context(relative: str, patterns) -> bool:
-    """Whether Docker sends the file: a pattern matches the path or one of its parent folders."""
-    parts = relative.split("/")
-    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    included = True
-    for exclude, regex in patterns:
-        if any(regex.match(candidate) for candidate in candidates):
-            included = not exclude
-    return included
-
-
-def context_files() -> list[str]:
-    patterns = dockerignore_patterns()
-    result = []
-    for path in REPO.rglob("*"):
-        relative = path.relative_to(REPO).as_posix()
-        if relative.startswith((".git/", ".venv/")) or not path.is_file():
-            continue
-        if in_context(relative, patterns):
-            result.append(relative)
-    return sorted(result)
 
 
 def test_dockerignore_matcher():
