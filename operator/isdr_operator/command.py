@@ -18,6 +18,7 @@ def run_operator(args) -> int:
 
     from isdr_operator import handlers
     from isdr_operator.kube_api import OperatorApi
+    from isdr_operator.peering import Gate, own_identity
     from isdr_operator.runtime import Runtime
     from isdr_operator.settings import load_operator_settings
 
@@ -30,13 +31,20 @@ def run_operator(args) -> int:
     setup_logging(settings.relay.log_level)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same kubeconfig
-    handlers.RUNTIME = Runtime(OperatorApi(connection.api_client, settings.namespace), settings)
-    log.info("starting in namespace %s (API %s, %s)", settings.namespace, connection.server,
+    api = OperatorApi(connection.api_client, settings.namespace)
+    identity = own_identity()
+    if args.standalone:
+        gate = Gate.standalone(identity)
+    else:
+        gate = Gate(read_status=lambda: api.get_peering_status(args.peering), identity=identity)
+    handlers.RUNTIME = Runtime(api, settings, gate=gate)
+    log.info("starting in namespace %s as %s (API %s, %s)", settings.namespace, identity, connection.server,
              "standalone" if args.standalone else f"peering {args.peering}")
     kopf.run(
         namespaces=[settings.namespace],
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
         liveness_endpoint=args.liveness,
+        identity=identity,  # the name kopf's keep-alive announces is the one the gate looks for
     )
     return 0

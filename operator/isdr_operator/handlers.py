@@ -2,7 +2,8 @@
 
 Only event handlers are used (no change handlers, daemons or timers): kopf then stores nothing on
 the objects and adds no finalizer, so nothing blocks the deletion of a Fingerprint or DicomSeries
-while the operator is down.
+while the operator is down. kopf's peering pauses these handlers' watch streams; the operator's
+own peering gate (isdr_operator.peering) holds back everything else it does.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's key
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def series_event(type, name, **_) -> None:  # noqa: A002
+    # Only scheduling: the scheduler steps while this operator is the active one.
     if type == "DELETED":
         RUNTIME.scheduler.forget(name)
     else:
@@ -66,8 +68,8 @@ def series_event(type, name, **_) -> None:  # noqa: A002
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
 async def job_event(type, body, **_) -> None:  # noqa: A002
-    if type == "DELETED":
-        return
+    if type == "DELETED" or not RUNTIME.active:
+        return  # while paused: Runtime.resync() reads every Job when this operator becomes active
     series = await asyncio.to_thread(RUNTIME.driver.job_changed, dict(body))
     if series:
         RUNTIME.scheduler.poke(series)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 
 from relay.kube.publisher import AlreadyExists, ApiUnavailable, Conflict, NotFound, translate_status
 from relay.kube.publisher import _api_message as api_message
-from relay.kube.series_resource import GROUP, PLURAL, VERSION, to_rfc3339
+from relay.kube.series_resource import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION, to_rfc3339
 
 log = logging.getLogger("isdr_operator.api")
 
@@ -100,6 +101,23 @@ class OperatorApi:
         return None
 
     # --- Jobs ---
+
+    def list_jobs(self) -> list[dict]:
+        """The Jobs this operator made (label isdr.io/managed-by), as plain dicts."""
+        response = call(self.batch.list_namespaced_job, self.namespace,
+                        label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}", _preload_content=False)
+        return json.loads(response.data)["items"]
+
+    # --- kopf's peering ---
+
+    def get_peering_status(self, name: str) -> dict | None:
+        """The status of the KopfPeering `name` ({} when empty), None when it does not exist."""
+        try:
+            body = call(self.custom.get_namespaced_custom_object, "kopf.dev", "v1", self.namespace,
+                        "kopfpeerings", name)
+        except NotFound:
+            return None
+        return body.get("status") or {}
 
     def create_job(self, job: dict) -> bool:
         """True if created, False if it existed already (a re-dispatch after a restart)."""

@@ -1,4 +1,5 @@
-"""The operator's long-lived parts, wired together: API, storage, fingerprints, driver, scheduler."""
+"""The operator's long-lived parts, wired together: API, storage, fingerprints, driver, scheduler,
+and the peering gate that lets them act only while this is the one active operator."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from isdr_operator.conditions import same_conditions, set_condition
 from isdr_operator.driver import SeriesDriver
 from isdr_operator.fingerprints import FingerprintSet, evaluate, ready_condition
 from isdr_operator.kube_api import OperatorApi
+from isdr_operator.peering import Gate
 from isdr_operator.scheduler import Scheduler
 from isdr_operator.settings import OperatorSettings
 
@@ -17,7 +19,7 @@ log = logging.getLogger("isdr_operator")
 
 
 class Runtime:
-    def __init__(self, api: OperatorApi, settings: OperatorSettings, clock=None):
+    def __init__(self, api: OperatorApi, settings: OperatorSettings, clock=None, gate: Gate | None = None):
         import time
 
         self.api = api
@@ -26,25 +28,55 @@ class Runtime:
         self.storage = open_storage(settings.relay)
         self.fingerprints = FingerprintSet()
         self.driver = SeriesDriver(api, settings, self.storage, self.fingerprints, clock=self.clock)
-        self.scheduler = Scheduler(self.driver.step)
+        self.gate = gate or Gate.standalone()
+        self.gate.on_change(self._gate_changed)
+        self.scheduler = Scheduler(self.driver.step, gate=self.gate)
+        self._activations = 0
+
+    @property
+    def active(self) -> bool:
+        return self.gate.is_open
 
     def start(self) -> None:
-        # Fingerprints first: a complete series looked at before they are known would be
-        # taken for unmatched and deleted.
-        for body in self.api.list_fingerprints():
-            self.fingerprint_event("ADDED", body)
-        self.fingerprints.loaded.set()
-        log.info("operator ready in namespace %s: %d fingerprints (%d Ready), storage %s",
-                 self.settings.namespace, len(self.api.list_fingerprints()),
-                 len(self.fingerprints.ready()), self.storage.describe())
+        """Start the scheduler and the peering gate; nothing is read or written before the gate
+        opens (at once when standalone)."""
         self.scheduler.start()
-        for body in self.api.list_series():
-            self.scheduler.poke(body["metadata"]["name"])
+        if self.gate.is_open:
+            self._gate_changed(True)
+        self.gate.start()
 
     def stop(self) -> None:
+        self.gate.stop()
         self.scheduler.stop()
 
+    def _gate_changed(self, active: bool) -> None:
+        if active:
+            self.resync()
+
+    def resync(self) -> None:
+        """Catch up with everything that happened while this operator was not active (or not
+        running): Fingerprints, then Jobs, then every series."""
+        self._activations += 1
+        # Fingerprints first: a complete series looked at before they are known would be
+        # taken for unmatched and deleted.
+        fingerprints = self.api.list_fingerprints()
+        for body in fingerprints:
+            self.fingerprint_event("ADDED", body)
+        self.fingerprints.loaded.set()
+        for job in self.api.list_jobs():
+            series = self.driver.job_changed(job)
+            if series:
+                self.scheduler.poke(series)
+        series = self.api.list_series()
+        for body in series:
+            self.scheduler.poke(body["metadata"]["name"])
+        log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series, storage %s",
+                 "ready" if self._activations == 1 else "resumed", self.settings.namespace, len(fingerprints),
+                 len(self.fingerprints.ready()), len(series), self.storage.describe())
+
     def fingerprint_event(self, event_type: str | None, body: dict) -> None:
+        if not self.active:
+            return  # resync() reads every Fingerprint when this operator becomes active
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             self.fingerprints.remove(name)

@@ -3,6 +3,8 @@
 kopf's daemons and timers put a finalizer on every object they run for, which would block the
 deletion of a DicomSeries whenever the operator is down. Instead, watch events and the driver's
 own answers ("look again in 3.2 s") feed this scheduler, and one worker thread takes the steps.
+Steps are taken only while the gate is open (isdr_operator.peering: this is the one active
+operator); while it is closed, pokes are queued and wait.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ class SchedulerStuck(RuntimeError):
 
 class Scheduler:
     def __init__(self, step: Callable[[str], float | None], clock=time.monotonic,
-                 retry_after_error: float = 5.0):
+                 retry_after_error: float = 5.0, gate=None):
         self._step = step
+        self._gate = gate  # anything with wait_open(timeout) -> bool; None: always open
         self._clock = clock
         self._retry_after_error = retry_after_error
         self._heap: list[tuple[float, str]] = []
@@ -65,8 +68,17 @@ class Scheduler:
                 return name
             return None
 
+    def _wait_for_gate(self) -> bool:
+        """Block while the gate is closed; False once the scheduler is stopped."""
+        while self._gate is not None and not self._gate.wait_open(0.5):
+            if self._stopped:
+                return False
+        return not self._stopped
+
     def run(self) -> None:
         while (name := self._next()) is not None:
+            if not self._wait_for_gate():
+                return
             self._step_started = self._clock()
             try:
                 again = self._step(name)
@@ -87,7 +99,8 @@ class Scheduler:
         if running_for > stuck_after:
             raise SchedulerStuck(f"one series step has been running for {running_for:.0f}s")
         with self._cond:
-            return {"scheduled": len(self._due), "step_running_for": round(running_for, 1)}
+            return {"scheduled": len(self._due), "step_running_for": round(running_for, 1),
+                    "active": self._gate is None or self._gate.wait_open(0)}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="series-scheduler", daemon=True)

@@ -225,7 +225,7 @@ def test_scheduler_health_fails_when_a_step_hangs_or_the_thread_is_gone():
         scheduler.health(stuck_after=60)
     scheduler.start()
     try:
-        assert scheduler.health(stuck_after=60) == {"scheduled": 0, "step_running_for": 0.0}
+        assert scheduler.health(stuck_after=60) == {"scheduled": 0, "step_running_for": 0.0, "active": True}
         scheduler.poke("s")
         assert entered.wait(3)
         time.sleep(0.05)
