@@ -25,6 +25,12 @@ from isdr_operator.settings import JobSettings
 CONTAINER = "task"
 CA_MOUNT = "/etc/isdr/fingerprint-ca"
 RELAY_CA_MOUNT = "/etc/isdr/ca"  # where the chart points CERT_FILE
+STORAGE_MOUNT = "/data"  # pvc storage: the claim, and the Job's INCOMING_DIR
+SCRATCH_DIR = "/tmp/isdr"  # s3 storage: INCOMING_DIR is scratch space on the /tmp emptyDir
+# The defaults when the chart gives none: non-root (the image's numeric USER), no privileges.
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]}}
 ANNOTATION_SERIES_UID = "isdr.io/series-instance-uid"
 
 
@@ -57,15 +63,20 @@ def active_deadline(fingerprint_body: dict, relay_get_timeout: float, settings: 
 def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_body: dict,
               settings: JobSettings, relay_get_timeout: float, owner: dict | None = None) -> dict:
     labels = job_labels(series_name, task.fingerprint, task.task_id)
-    env = [{"name": name, "value": value} for name, value in sorted(settings.task_env.items())]
+    env = [{"name": name, "value": value} for name, value in sorted(settings.task_env.items())
+           if name != "INCOMING_DIR"]
     env.append({"name": FINGERPRINT_ENV, "value": json.dumps(fingerprint_snapshot(fingerprint_body))})
     env_from, volumes, mounts = [], [], []
 
+    # INCOMING_DIR is the Job's own, never copied from the operator's environment (where it names
+    # the operator's mount): the claim's mount, or scratch space next to the bucket.
     if settings.storage_pvc_claim:
-        incoming = settings.task_env.get("INCOMING_DIR", "/data")
         volumes.append({"name": "storage",
                         "persistentVolumeClaim": {"claimName": settings.storage_pvc_claim}})
-        mounts.append({"name": "storage", "mountPath": incoming})
+        mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT})
+        env.append({"name": "INCOMING_DIR", "value": STORAGE_MOUNT})
+    else:
+        env.append({"name": "INCOMING_DIR", "value": SCRATCH_DIR})
     if settings.env_configmap:
         env_from.append({"configMapRef": {"name": settings.env_configmap}})
     if settings.s3_credentials_secret:
@@ -105,21 +116,20 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
         "envFrom": env_from,
         "volumeMounts": mounts,
         "resources": resources,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": dict(settings.security_context if settings.security_context is not None
+                                else SECURITY_CONTEXT),
     }
     pod_spec = {
         "restartPolicy": "Never",  # each retry is a new pod: the logs of every attempt stay
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": dict(settings.pod_security_context if settings.pod_security_context is not None
+                                else POD_SECURITY_CONTEXT),
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
+    pod_spec.update(scheduling(settings))
 
     metadata = {
         "name": task.task_id,
@@ -141,9 +151,33 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
             }]},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": pod_metadata(labels, settings), "spec": pod_spec},
         },
     }
+
+
+def scheduling(settings: JobSettings) -> dict:
+    """Where the Job's pod may run: the chart's job.nodeSelector, tolerations, affinity and
+    priorityClassName, as given (the API server validates them)."""
+    fields = {}
+    if settings.node_selector:
+        fields["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        fields["tolerations"] = list(settings.tolerations)
+    if settings.affinity:
+        fields["affinity"] = dict(settings.affinity)
+    if settings.priority_class_name:
+        fields["priorityClassName"] = settings.priority_class_name
+    return fields
+
+
+def pod_metadata(labels: dict[str, str], settings: JobSettings) -> dict:
+    """The pod template's labels (the operator's own win) and annotations, e.g.
+    sidecar.istio.io/inject: "false" so that a mesh's sidecar does not keep the Job running."""
+    metadata: dict = {"labels": {**settings.pod_labels, **labels}}
+    if settings.pod_annotations:
+        metadata["annotations"] = dict(settings.pod_annotations)
+    return metadata
 
 
 def _key_volume(config_map: str | None, secret: str | None, key: str | None, path: str) -> dict | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from relay.config import ENV_VARIABLES, Settings, load_settings
 
@@ -38,6 +39,16 @@ class JobSettings:
     ca_bundle_secret: str | None = None
     ca_bundle_key: str | None = None
     task_env: Mapping[str, str] = field(default_factory=dict)  # relay settings for the pod
+    # Where the Jobs' pods run, and how (chart values job.nodeSelector, ... -> JOB_* -> Job spec).
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)  # e.g. sidecar.istio.io/inject
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    priority_class_name: str | None = None
+    # None: the operator's defaults (non-root, RuntimeDefault seccomp, no privilege, read-only root)
+    pod_security_context: Mapping[str, Any] | None = None
+    security_context: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,22 @@ class OperatorSettings:
     namespace: str
     relay: Settings
     jobs: JobSettings
+
+
+def _json(environ: Mapping[str, str], name: str, kind: type, default):
+    """A JSON setting (the chart renders values as JSON); a wrong type is a clear error."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not valid JSON ({exc})") from None
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}: expected a JSON {'object' if kind is dict else 'array'}, got {text[:80]!r}")
+    return value
 
 
 def load_operator_settings(namespace: str | None = None, environ: Mapping[str, str] | None = None
@@ -72,7 +99,17 @@ def load_operator_settings(namespace: str | None = None, environ: Mapping[str, s
         ca_bundle_configmap=get("CA_BUNDLE_CONFIGMAP"),
         ca_bundle_secret=get("CA_BUNDLE_SECRET"),
         ca_bundle_key=get("CA_BUNDLE_KEY"),
-        task_env={name: environ[name] for name in TASK_ENV if environ.get(name)},
+        # With the chart's ConfigMap (envFrom) the Jobs get their relay settings from there, not
+        # copied from the operator's own environment.
+        task_env={} if get("JOB_ENV_CONFIGMAP") else {name: environ[name] for name in TASK_ENV if environ.get(name)},
+        node_selector=_json(environ, "JOB_NODE_SELECTOR", dict, {}),
+        tolerations=tuple(_json(environ, "JOB_TOLERATIONS", list, [])),
+        affinity=_json(environ, "JOB_AFFINITY", dict, {}),
+        pod_annotations=_json(environ, "JOB_POD_ANNOTATIONS", dict, {}),
+        pod_labels=_json(environ, "JOB_POD_LABELS", dict, {}),
+        priority_class_name=get("JOB_PRIORITY_CLASS_NAME"),
+        pod_security_context=_json(environ, "JOB_POD_SECURITY_CONTEXT", dict, None),
+        security_context=_json(environ, "JOB_SECURITY_CONTEXT", dict, None),
     )
     return OperatorSettings(
         namespace=namespace or get("POD_NAMESPACE") or "default",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.unit.test_dockerfile import env_assignments, parse_dockerfile
+from tests.support.dockerfile import env_assignments, parse_dockerfile
 
 REPO = Path(__file__).resolve().parents[2]
 

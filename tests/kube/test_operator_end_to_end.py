@@ -59,6 +59,9 @@ class Relay:
             "JOB_BACKOFF_LIMIT": "2",
             "JOB_TTL_SECONDS_AFTER_FINISHED": "600",
             "LOG_LEVEL": "INFO",
+            # The operator's name in kopf's peering: a restarted operator is the same pod's
+            # container starting again (a new name would wait for the old one's keep-alive to expire).
+            "POD_ID": "isdr-operator-0",
             **(env or {}),
         }
         self.scp = self.operator = None

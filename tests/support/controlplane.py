@@ -138,6 +138,7 @@ class ControlPlane:
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
         self.server = ""
         self.timings: dict[str, float] = {}
+        self.kubelet_tls: dict[str, str] | None = None  # the node agent's log endpoint certificates
 
     def binary(self, name: str) -> str:
         path = self.assets_dir / name
@@ -160,6 +161,13 @@ class ControlPlane:
         # The aggregation layer's client certificate (kubeadm's front-proxy-client): with requestheader
         # configured, the controller-manager and aggregated API servers can authenticate proxied requests.
         proxy_cert, proxy_key, _, _ = pki.issue("front-proxy-client", "front-proxy-client", client=True)
+        # kubectl logs: the API server calls the node's kubelet (the node agent's log endpoint) with a
+        # client certificate and verifies the kubelet's serving certificate, as kubeadm sets it up.
+        kubelet_client_cert, kubelet_client_key, _, _ = pki.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("kubeadm:cluster-admins",), client=True)
+        kubelet_cert, kubelet_key, _, _ = pki.issue("kubelet", "isdr-node", server=True, dns_names=("localhost",),
+                                                    ips=("127.0.0.1",))
+        self.kubelet_tls = {"cert": str(kubelet_cert), "key": str(kubelet_key), "client_ca": str(pki.ca_cert_file)}
         self.admin_cert_file, self.admin_key_file = pki.dir / "admin.crt", pki.dir / "admin.key"
         self.timings["certificates"] = time.monotonic() - started
 
@@ -205,6 +213,11 @@ class ControlPlane:
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={proxy_cert}",
             f"--proxy-client-key-file={proxy_key}",
+            f"--kubelet-client-certificate={kubelet_client_cert}",
+            f"--kubelet-client-key={kubelet_client_key}",
+            f"--kubelet-certificate-authority={pki.ca_cert_file}",
+            # The node agent's Node has a Hostname address no resolver knows; its InternalIP is 127.0.0.1.
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             # The "kubernetes" Service's endpoints would be 127.0.0.1, which Endpoints validation rejects.
             "--endpoint-reconciler-type=none",
@@ -309,7 +322,14 @@ class ControlPlane:
                 process.stop(timeout=10)
 
 
-__all__ = ["ControlPlane", "ControlPlaneError", "PKI", "K8S_VERSION"]
+def kubelet_args(tls: dict[str, str] | None) -> list[str]:
+    """The node agent's flags for serving kubelet's log endpoint with these certificates."""
+    if not tls:
+        return []
+    return ["--kubelet-cert", tls["cert"], "--kubelet-key", tls["key"], "--kubelet-client-ca", tls["client_ca"]]
+
+
+__all__ = ["ControlPlane", "ControlPlaneError", "PKI", "K8S_VERSION", "kubelet_args"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             from tests.support.node_agent import NodeAgentProcess
 
             agent = NodeAgentProcess(control_plane.kubeconfig, work_dir / "node-agent",
-                                     log_path=work_dir / "logs" / "node-agent.log")
+                                     log_path=work_dir / "logs" / "node-agent.log",
+                                     extra_args=kubelet_args(control_plane.kubelet_tls))
             agent.start()
         print(f"control plane up in {control_plane.timings['total']:.1f}s; logs in {control_plane.log_dir}")
         print(f"export KUBECONFIG={control_plane.kubeconfig}")

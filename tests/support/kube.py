@@ -495,8 +495,12 @@ def node_agent(kube_cluster: KubeCluster):
         yield NodeAgentProcess.attach(work_dir) if work_dir else None
         return
 
+    from tests.support.controlplane import kubelet_args
+
+    tls = kube_cluster.control_plane.kubelet_tls if kube_cluster.control_plane is not None else None
     agent = NodeAgentProcess(kube_cluster.kubeconfig, kube_cluster.work_dir / "node-agent",
-                             log_path=kube_cluster.work_dir / "logs" / "node-agent.log")
+                             log_path=kube_cluster.work_dir / "logs" / "node-agent.log",
+                             extra_args=kubelet_args(tls))
     agent.start()
     kube_cluster.node_agent = agent
     try:

@@ -156,6 +156,19 @@ def console_scripts(root: Path) -> dict[str, str]:
     return dict(project.get("scripts") or {})
 
 
+def image_entrypoint(dockerfile: Path) -> list[str]:
+    """The exec-form ENTRYPOINT of the Dockerfile's final stage ([] without one): the node agent
+    runs every pod from the project's one image, as the chart's pods expect."""
+    from tests.support.dockerfile import parse_dockerfile
+
+    try:
+        stages = parse_dockerfile(Path(dockerfile).read_text())
+    except OSError:
+        return []
+    entrypoint = stages[-1].last("ENTRYPOINT") if stages else None
+    return list(entrypoint.exec_form or []) if entrypoint is not None else []
+
+
 class ConfigError(Exception):
     """Something a container needs is missing (kubelet: CreateContainerConfigError); retried."""
 
@@ -589,7 +602,9 @@ class PodRunner(threading.Thread):
         if self.kubeconfig is not None:
             env["KUBECONFIG"] = str(self.kubeconfig)
         env.update({k: rewrite(v) for k, v in pod_env.items()})
-        argv = [rewrite(expand_vars(a, pod_env)) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+        # Kubernetes: `command` replaces the image's ENTRYPOINT, `args` its CMD.
+        command = spec.get("command") or self.agent.entrypoint
+        argv = [rewrite(expand_vars(a, pod_env)) for a in command + (spec.get("args") or [])]
         cwd = self.agent.cwd
         if spec.get("workingDir"):
             local = Path(rewrite(spec["workingDir"]))
@@ -616,8 +631,8 @@ class PodRunner(threading.Thread):
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.agent.cwd), env.get("PYTHONPATH")]))
         with open(log_path, "ab") as output:
             if not argv:
-                output.write(b"node agent: the container has no command (images are ignored here)\n")
-                self._terminated(run, 128, "StartError", "no command: the local node agent ignores images")
+                output.write(b"node agent: the container has no command and the Dockerfile no ENTRYPOINT\n")
+                self._terminated(run, 128, "StartError", "no command and no ENTRYPOINT")
                 run.pending_exit = True
                 return
             try:
@@ -852,8 +867,15 @@ class PodRunner(threading.Thread):
 class NodeAgent:
     def __init__(self, kubeconfig, work_dir, node_name: str = DEFAULT_NODE_NAME, pvc_dir=None, cwd=None,
                  pass_env=(), restart_backoff: float = 10.0, max_restart_backoff: float = 300.0,
-                 max_grace: float = 10.0, heartbeat: float = 10.0):
+                 max_grace: float = 10.0, heartbeat: float = 10.0, kubelet_tls: dict | None = None,
+                 dockerfile: Path | None = None):
         self.kubeconfig = Path(kubeconfig)
+        # {"cert": ..., "key": ..., "client_ca": ...}: serve kubelet's log endpoint (kubectl logs)
+        self.kubelet_tls = kubelet_tls
+        self.log_server = None
+        self.kubelet_port = 0
+        # The image's ENTRYPOINT, for containers without a command (as a container runtime does).
+        self.entrypoint = image_entrypoint(dockerfile or REPO_ROOT / "Dockerfile")
         self.work_dir = Path(work_dir).resolve()
         self.node_name = node_name
         self.pvc_dir = Path(pvc_dir).resolve() if pvc_dir else self.work_dir / "pvc"
@@ -899,7 +921,7 @@ class NodeAgent:
             "allocatable": capacity,
             "conditions": self._node_conditions(),
             "addresses": [{"type": "InternalIP", "address": LOCAL_IP}, {"type": "Hostname", "address": self.node_name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.node_name).hex,
                 "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, self.node_name)),
@@ -1042,6 +1064,13 @@ class NodeAgent:
         """Register the node and start the watch and heartbeat threads; returns at once."""
         (self.work_dir / "pods").mkdir(parents=True, exist_ok=True)
         self.pvc_dir.mkdir(parents=True, exist_ok=True)
+        if self.kubelet_tls:
+            from tests.support.kubelet_logs import LogServer
+
+            self.log_server = LogServer(self._log_runs, self._container_running, self.kubelet_tls["cert"],
+                                        self.kubelet_tls["key"], self.kubelet_tls["client_ca"])
+            self.log_server.start()
+            self.kubelet_port = self.log_server.port
         self.register_node()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True).start()
@@ -1054,6 +1083,22 @@ class NodeAgent:
             runners = list(self.runners.values())
         for runner in runners:
             runner.join(timeout)
+        if self.log_server is not None:
+            self.log_server.stop()
+
+    # --- kubelet's log endpoint ------------------------------------------------------------
+    def _log_runs(self, namespace: str, pod: str, container: str) -> list[Path]:
+        try:
+            folder = pod_dir(namespace, pod, self.work_dir) / "logs" / container
+        except FileNotFoundError:
+            return []
+        return sorted(folder.glob("*.log"), key=lambda p: int(p.stem))
+
+    def _container_running(self, namespace: str, pod: str, container: str) -> bool:
+        try:
+            return (pod_dir(namespace, pod, self.work_dir) / f"{container}.pid").exists()
+        except FileNotFoundError:
+            return False
 
 
 class NodeAgentProcess:
@@ -1130,12 +1175,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-backoff", type=float, default=10.0, help="first restart delay, doubling")
     parser.add_argument("--max-grace", type=float, default=10.0, help="cap on termination grace periods")
     parser.add_argument("--ready-file", help="touched once the node is registered")
+    parser.add_argument("--kubelet-cert", help="serving certificate of the kubelet log endpoint (kubectl logs)")
+    parser.add_argument("--kubelet-key", help="its key")
+    parser.add_argument("--kubelet-client-ca", help="CA of the API server's kubelet client certificate")
+    parser.add_argument("--dockerfile", help="whose ENTRYPOINT runs containers without a command "
+                        "(default: the repository's Dockerfile)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    kubelet_tls = None
+    if args.kubelet_cert:
+        kubelet_tls = {"cert": args.kubelet_cert, "key": args.kubelet_key, "client_ca": args.kubelet_client_ca}
     agent = NodeAgent(args.kubeconfig, args.work_dir, node_name=args.node_name, pvc_dir=args.pvc_dir, cwd=args.cwd,
-                      pass_env=args.pass_env, restart_backoff=args.restart_backoff, max_grace=args.max_grace)
+                      pass_env=args.pass_env, restart_backoff=args.restart_backoff, max_grace=args.max_grace,
+                      kubelet_tls=kubelet_tls, dockerfile=Path(args.dockerfile) if args.dockerfile else None)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
     agent.start()
