@@ -44,6 +44,7 @@ OPERATOR_ENV_ALWAYS = {
     "POD_NAME", "POD_NAMESPACE", "POD_ID",
     "JOB_IMAGE", "JOB_IMAGE_PULL_POLICY", "JOB_SERVICE_ACCOUNT", "JOB_TTL_SECONDS_AFTER_FINISHED",
     "JOB_BACKOFF_LIMIT", "JOB_CPU_REQUEST", "JOB_MEMORY_REQUEST", "JOB_MEMORY_LIMIT", "JOB_ENV_CONFIGMAP",
+    "JOB_POD_SECURITY_CONTEXT", "JOB_SECURITY_CONTEXT",
 }
 
 
@@ -223,6 +224,8 @@ def test_default_render_has_every_component_and_no_cluster_scoped_rbac():
         ("Deployment", "isdr-receiver"),
         ("KopfPeering", "isdr"),
         ("PersistentVolumeClaim", "isdr-data"),
+        ("PodDisruptionBudget", "isdr-receiver"),
+        ("Pod", "isdr-test-echo"),
         ("Role", "isdr-operator"),
         ("Role", "isdr-receiver"),
         ("RoleBinding", "isdr-operator"),
@@ -414,7 +417,7 @@ def test_pods_are_locked_down():
             spec = deployment["spec"]["template"]["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True
             assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-            assert spec["securityContext"]["runAsUser"] == 10001
+            assert "runAsUser" not in spec["securityContext"], "the image's user, or the platform's"
             c = container(deployment)
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
@@ -968,4 +971,136 @@ def test_helm_uninstall_removes_the_release_but_keeps_the_data_claim(kube_cluste
         for crd in ("fingerprints.isdr.io", "dicomseries.isdr.io", "kopfpeerings.kopf.dev"):
             kube_cluster.wait_crd_established(crd, timeout=5)
     finally:
+        kube_cluster.delete_namespace(namespace)
+
+
+# --------------------------------------------------------------------------------------------------
+# what users of well-kept charts take for granted
+
+
+def test_job_scheduling_values_reach_the_operator_as_settings_the_operator_reads():
+    from isdr_operator.settings import load_operator_settings
+
+    docs = render("job.nodeSelector.pool=inference", "job.tolerations[0].key=gpu",
+                  "job.tolerations[0].operator=Exists", "job.priorityClassName=isdr-batch",
+                  "job.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+                  "job.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+                  ".matchExpressions[0].key=zone",
+                  "job.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+                  ".matchExpressions[0].operator=Exists",
+                  "job.podLabels.team=radonc")
+    docs += render()  # the annotation needs --set-string; values files do it naturally
+    env = env_of(container(one(docs[:len(docs) // 2], "Deployment", "isdr-operator")))
+    settings = load_operator_settings("ns", {name: e["value"] for name, e in env.items() if "value" in e})
+    jobs = settings.jobs
+    assert jobs.node_selector == {"pool": "inference"} and jobs.priority_class_name == "isdr-batch"
+    assert jobs.tolerations == ({"key": "gpu", "operator": "Exists"},)
+    assert jobs.affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1
+    assert jobs.pod_labels == {"team": "radonc"}
+    assert jobs.pod_security_context == {"runAsNonRoot": True, "fsGroup": 10001,
+                                         "seccompProfile": {"type": "RuntimeDefault"}}
+    assert jobs.security_context["readOnlyRootFilesystem"] is True
+
+
+def test_job_pod_annotations_from_a_values_file(tmp_path):
+    values = tmp_path / "mesh.yaml"
+    values.write_text('job:\n  podAnnotations:\n    sidecar.istio.io/inject: "false"\n')
+    env = env_of(container(one(render(values_files=(str(values),)), "Deployment", "isdr-operator")))
+    assert json.loads(env["JOB_POD_ANNOTATIONS"]["value"]) == {"sidecar.istio.io/inject": "false"}
+
+
+def test_openshift_gets_no_user_or_group_ids_and_other_clusters_no_user_id():
+    plain = render()
+    for deployment in (d for d in plain if d["kind"] == "Deployment"):
+        context = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert "runAsUser" not in context and context["fsGroup"] == 10001
+    openshift = [d for d in yaml.safe_load_all(run_helm("template", RELEASE, str(CHART), "--api-versions",
+                                                        "security.openshift.io/v1").stdout) if d]
+    for deployment in (d for d in openshift if d["kind"] == "Deployment"):
+        context = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context), context
+        assert context["runAsNonRoot"] is True
+    operator_env = env_of(container(one(openshift, "Deployment", "isdr-operator")))
+    assert "fsGroup" not in json.loads(operator_env["JOB_POD_SECURITY_CONTEXT"]["value"])
+    forced = render("openshift.adaptSecurityContext=force", "podSecurityContext.runAsUser=5")
+    assert "runAsUser" not in one(forced, "Deployment", "isdr-receiver")["spec"]["template"]["spec"]["securityContext"]
+
+
+def test_receiver_disruption_budget_and_port():
+    docs = render("receiver.replicas=3", "receiver.containerPort=2104")
+    budget = one(docs, "PodDisruptionBudget")
+    receiver = one(docs, "Deployment", "isdr-receiver")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == receiver["spec"]["selector"]["matchLabels"]
+    assert container(receiver)["ports"][0]["containerPort"] == 2104
+    assert one(docs, "ConfigMap")["data"]["SCP_PORT"] == "2104"
+    assert one(render("receiver.podDisruptionBudget.minAvailable=2"), "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 2, "selector": budget["spec"]["selector"]}
+    assert not [d for d in render("receiver.podDisruptionBudget.enabled=false") if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_extra_env_and_volumes_go_to_the_receiver_and_the_operator():
+    docs = render("extraEnv[0].name=HTTPS_PROXY", "extraEnv[0].value=http://proxy:3128",
+                  "extraEnvFrom[0].secretRef.name=proxy-auth",
+                  "extraVolumes[0].name=extra-ca", "extraVolumes[0].configMap.name=extra-ca",
+                  "extraVolumeMounts[0].name=extra-ca", "extraVolumeMounts[0].mountPath=/etc/extra-ca")
+    for name in ("isdr-receiver", "isdr-operator"):
+        deployment = one(docs, "Deployment", name)
+        c = container(deployment)
+        assert env_of(c)["HTTPS_PROXY"]["value"] == "http://proxy:3128"
+        assert {"secretRef": {"name": "proxy-auth"}} in c["envFrom"]
+        assert {"name": "extra-ca", "mountPath": "/etc/extra-ca"} in c["volumeMounts"]
+        assert {"name": "extra-ca", "configMap": {"name": "extra-ca"}} in deployment["spec"]["template"]["spec"]["volumes"]
+
+
+def test_helm_test_echoes_the_receiver_through_its_service():
+    docs = render("config.SCP_ALLOWED_AE_TITLES=CT01\\,PACS", "receiver.service.port=104")
+    pod = one(docs, "Pod", "isdr-test-echo")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert container({"spec": {"template": {"spec": pod["spec"]}}})["args"] == [
+        "echo", "isdr-receiver.isdr-ns.svc", "104", "ISDR", "--calling-ae=CT01"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert not [d for d in render("tests.enabled=false") if d["kind"] == "Pod"]
+
+
+@pytest.mark.kube
+def test_upgrades_between_the_example_values_work_and_keep_the_claim(kube_cluster):
+    """Default values -> values-pvc.yaml (a different claim spec: size, class) -> values-s3.yaml ->
+    values-pvc.yaml -> a value changed with --reset-then-reuse-values: every `helm upgrade` succeeds
+    and the release stays deployed; the claim keeps the spec it was created with."""
+    namespace = kube_cluster.create_namespace("upgrade")
+    pvc_values, s3_values = (str(CHART / "examples" / n) for n in ("values-pvc.yaml", "values-s3.yaml"))
+
+    def status() -> str:
+        return json.loads(kube_cluster.helm("status", "up", "-n", namespace, "-o", "json").stdout)["info"]["status"]
+
+    try:
+        kube_cluster.helm("install", "up", str(CHART), "-n", namespace)
+        claim = kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
+        assert claim.spec.resources.requests["storage"] == "50Gi" and not claim.spec.storage_class_name
+        upgraded = kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values)
+        assert status() == "deployed"
+        assert "keeps its size 50Gi (storage.pvc.size is" in upgraded.stdout
+        claim = kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
+        assert claim.spec.resources.requests["storage"] == "50Gi" and not claim.spec.storage_class_name
+        config = kube_cluster.core.read_namespaced_config_map("up-isdr-config", namespace).data
+        assert config["POST_AFTER"] == "30" and config["SCP_ALLOWED_AE_TITLES"] == "CT01,PACS"
+
+        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", s3_values)
+        assert status() == "deployed"
+        assert kube_cluster.core.read_namespaced_config_map("up-isdr-config", namespace).data["STORAGE"] == "s3"
+        # the claim is kept (helm.sh/resource-policy: keep): it may hold acknowledged instances
+        kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
+
+        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values)
+        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "--reset-then-reuse-values",
+                          "--set", "config.POST_AFTER=45")
+        assert status() == "deployed"
+        config = kube_cluster.core.read_namespaced_config_map("up-isdr-config", namespace).data
+        assert config["POST_AFTER"] == "45" and config["STORAGE"] == "local"
+        assert config["SCP_ALLOWED_AE_TITLES"] == "CT01,PACS", "the values of the last release are kept"
+        history = json.loads(kube_cluster.helm("history", "up", "-n", namespace, "-o", "json").stdout)
+        assert [h["status"] for h in history] == ["superseded"] * 4 + ["deployed"]
+    finally:
+        kube_cluster.helm("uninstall", "up", "-n", namespace, check=False)
         kube_cluster.delete_namespace(namespace)

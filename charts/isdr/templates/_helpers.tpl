@@ -102,13 +102,16 @@ SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT
       fieldPath: metadata.namespace
 {{- end -}}
 
-{{/* envFrom: the relay settings, and the S3 credentials in s3 mode. */}}
+{{/* envFrom: the relay settings, the S3 credentials in s3 mode, and extraEnvFrom. */}}
 {{- define "isdr.envFrom" -}}
 - configMapRef:
     name: {{ include "isdr.configName" . }}
 {{- if and (eq .Values.storage.type "s3") .Values.storage.s3.credentials.existingSecret }}
 - secretRef:
     name: {{ .Values.storage.s3.credentials.existingSecret }}
+{{- end }}
+{{- with .Values.extraEnvFrom }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -124,6 +127,9 @@ SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT
 - name: ca-bundle
   mountPath: {{ include "isdr.caDir" . }}
   readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -153,9 +159,45 @@ SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT
         path: {{ .key }}
 {{- end }}
 {{- end }}
+{{- with $.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* Checksum of the relay settings, so that a changed ConfigMap restarts the pods. */}}
 {{- define "isdr.configChecksum" -}}
 checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- end -}}
+
+{{/* Whether to leave platform-assigned ids out of security contexts (openshift.adaptSecurityContext). */}}
+{{- define "isdr.adaptSecurityContext" -}}
+{{- $mode := .Values.openshift.adaptSecurityContext -}}
+{{- if or (eq $mode "force") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "security.openshift.io/v1")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The pod security context of the receiver, the operator and the Jobs, as a YAML map. */}}
+{{- define "isdr.podSecurityContext" -}}
+{{- $context := deepCopy .Values.podSecurityContext -}}
+{{- if include "isdr.adaptSecurityContext" . -}}
+{{- $context = omit $context "runAsUser" "runAsGroup" "fsGroup" -}}
+{{- end -}}
+{{- toYaml $context -}}
+{{- end -}}
+
+{{/* The container security context, as a YAML map. */}}
+{{- define "isdr.securityContext" -}}
+{{- $context := deepCopy .Values.securityContext -}}
+{{- if include "isdr.adaptSecurityContext" . -}}
+{{- $context = omit $context "runAsUser" "runAsGroup" -}}
+{{- end -}}
+{{- toYaml $context -}}
+{{- end -}}
+
+{{/* extraEnv, after the chart's own variables. */}}
+{{- define "isdr.extraEnv" -}}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end -}}
 {{- end -}}
