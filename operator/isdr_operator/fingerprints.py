@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest, validate_fingerprint
+from relay.fingerprints.matching import regex_problems
 from relay.fingerprints.model import Fingerprint
 
 from isdr_operator.conditions import condition
@@ -31,9 +32,7 @@ def evaluate(body: dict, ca_problem: Callable[[str, str, str], str | None]) -> E
         return Evaluation(None, False, "InvalidSpec", str(exc))
     problems = validate_fingerprint(fingerprint)
     if problems:
-        reason = "InvalidRegex" if any("regular expression" in p or "regex" in p for p in problems) \
-            else "InvalidSpec"
-        return Evaluation(fingerprint, False, reason, "; ".join(problems))
+        return Evaluation(fingerprint, False, _regex_reason(fingerprint), "; ".join(problems))
     ca = (body["spec"]["inferenceServer"].get("caBundle") or {})
     if "path" in ca:
         return Evaluation(fingerprint, False, "UnsupportedCABundle",
@@ -47,6 +46,15 @@ def evaluate(body: dict, ca_problem: Callable[[str, str, str], str | None]) -> E
     server = fingerprint.inference_server
     return Evaluation(fingerprint, True, "Valid",
                       f"series matching it go to model {server.model} at {server.url} ({server.protocol})")
+
+
+def _regex_reason(fingerprint: Fingerprint) -> str:
+    """InvalidRegex for an expression no engine takes; UnsupportedRegex when every problem is a
+    construct only a backtracking engine has (valid for Python's re, refused by RE2)."""
+    problems = regex_problems(fingerprint.match)
+    if problems and all(problem.unsupported for problem in problems):
+        return "UnsupportedRegex"
+    return "InvalidRegex" if problems else "InvalidSpec"
 
 
 def ready_condition(evaluation: Evaluation, generation: int | None) -> dict:

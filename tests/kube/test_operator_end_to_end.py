@@ -274,6 +274,14 @@ def test_invalid_fingerprints_are_refused_or_not_ready(relay, peers):
                            30, "a Ready condition")
     assert condition["status"] == "False" and condition["reason"] == "InvalidRegex"
 
+    backtracking = fingerprint_manifest("backtracking", emulator, pacs, modality="(CT)\\1")
+    assert r.apply(backtracking).returncode == 0
+    condition = wait_until(lambda: next((c for c in (r.fingerprint("backtracking").get("status") or {})
+                                         .get("conditions", []) if c["type"] == "Ready"), None),
+                           30, "a Ready condition")
+    assert (condition["status"], condition["reason"]) == ("False", "UnsupportedRegex")
+    assert "cannot be evaluated in linear time: backreferences are not supported" in condition["message"]
+
     missing_ca = fingerprint_manifest("missing-ca", emulator, pacs,
                                       caBundle={"configMapKeyRef": {"name": "nowhere", "key": "ca.pem"}})
     assert r.apply(missing_ca).returncode == 0

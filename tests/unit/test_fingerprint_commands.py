@@ -156,6 +156,26 @@ def test_check_folder_with_a_broken_file(tmp_path, capsys):
     assert lines[-1] == "1 fingerprint(s) ok, 1 problem(s)"
 
 
+def test_check_reports_an_expression_that_needs_backtracking_where_it_is_written(tmp_path, capsys):
+    write_seed(tmp_path, "good.json", seed(series_description_regex="(a+)+$"))  # fine in linear time
+    backref = write_seed(tmp_path, "backref.json", seed(series_description_regex=r"(t1)\s+\1"))
+    lookahead = tmp_path / "lookahead.yaml"
+    text = (EXAMPLES / "ct-thorax-oars.yaml").read_text()
+    assert 'modality: "^CT$"' in text
+    lookahead.write_text(text.replace('modality: "^CT$"', "modality: 'CT(?!X)'").replace("ct-thorax", "other"))
+
+    assert isdr("fingerprint", "check", str(tmp_path)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"ok   good  ({tmp_path / 'good.json'})"
+    assert lines[1] == (
+        f"{backref}:3:31: series_description_regex: '(t1)\\\\s+\\\\1' cannot be evaluated in linear time: "
+        "backreferences are not supported at position 7 (fingerprint expressions use RE2, an engine that "
+        "never backtracks)")
+    assert lines[2].startswith(
+        f"{lookahead}:9:15: spec.match.modality: 'CT(?!X)' cannot be evaluated in linear time: lookahead")
+    assert lines[-1] == "1 fingerprint(s) ok, 2 problem(s)"
+
+
 def test_check_files_and_folders_together_finds_duplicate_names(tmp_path, capsys):
     folder = tmp_path / "fingerprints"
     folder.mkdir()

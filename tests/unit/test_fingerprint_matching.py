@@ -1,11 +1,14 @@
-"""Matching semantics, as in the original relay: case-insensitive re.search per attribute, an empty
-expression matches everything, the exclude expression is searched in all four attributes."""
+"""Matching semantics, as in the original relay: case-insensitive search per attribute, an empty
+expression matches everything, the exclude expression is searched in all four attributes; and,
+unlike the original, in linear time (RE2): expressions that need backtracking are reported."""
 
 from __future__ import annotations
 
 import pytest
 
 from relay.fingerprints.matching import (
+    MAX_MATCHED_LENGTH,
+    RegexError,
     compiled,
     fingerprint_matches,
     matching_fingerprints,
@@ -152,9 +155,7 @@ def test_invalid_expression_never_matches(field):
 
 
 def test_rules_match_raises_for_invalid_expression():
-    import re
-
-    with pytest.raises(re.error):
+    with pytest.raises(RegexError):
         rules_match(MatchRules(modality="["), CHEST_CT)
 
 
@@ -163,10 +164,46 @@ def test_regex_problems_names_field_and_position():
     assert problem.field == "series_description"
     assert problem.pattern == "t1 (ax"
     assert problem.position == 3
-    assert "missing )" in problem.reason
+    assert problem.reason == "missing ), unterminated subpattern"
+    assert not problem.unsupported
     assert problem.describe() == (
         "'t1 (ax' is not a valid regular expression: missing ), unterminated subpattern at position 3"
     )
+
+
+def test_catastrophic_backtracking_expression_is_searched_in_linear_time():
+    # With Python's re this search takes hours (2^60 ways to split the a's); RE2 answers at once.
+    fp = fingerprint(series_description="(a+)+$")
+    assert regex_problems(fp.match) == []
+    assert fingerprint_matches(fp, SeriesAttributes(series_description="a" * 60 + "!")) is False
+    assert fingerprint_matches(fp, SeriesAttributes(series_description="Ax " + "a" * 60)) is True
+    assert fingerprint_matches(fingerprint(exclude="(a+)+$"), SeriesAttributes(modality="a" * 60 + "!")) is True
+
+
+@pytest.mark.parametrize("pattern, position, reason", [
+    (r"(t1)\1", 4, "backreferences are not supported"),
+    ("(?P<seq>t1) (?P=seq)", 12, "backreferences are not supported"),
+    ("t1(?=gd)", 2, "lookahead ((?= or (?!) is not supported"),
+    ("t1(?!gd)", 2, "lookahead ((?= or (?!) is not supported"),
+    ("(?<=ax )t1", 0, "lookbehind ((?<= or (?<!) is not supported"),
+    ("(?>t1|t2)", 0, "atomic groups are not supported"),
+    ("a*+", 1, "possessive quantifiers are not supported"),
+    ("a{1001}", 1, "repetition counts above 1000 are not supported (nested counts multiply)"),
+    (r"t1\Z", 2, r"\Z is not supported; write \z (or $) for the end of the text"),
+])
+def test_expressions_that_need_backtracking_are_reported_as_unsupported(pattern, position, reason):
+    (problem,) = regex_problems(MatchRules(exclude=pattern))
+    assert (problem.field, problem.position, problem.reason, problem.unsupported) == (
+        "exclude", position, reason, True)
+    assert problem.describe().startswith(f"{pattern!r} cannot be evaluated in linear time: {reason}")
+    assert fingerprint_matches(fingerprint(exclude=pattern), CHEST_CT) is False  # never run
+
+
+def test_only_the_first_characters_of_an_attribute_are_searched():
+    long = "x" * MAX_MATCHED_LENGTH + "SCOUT"
+    assert fingerprint_matches(fingerprint(series_description="scout"), SeriesAttributes(series_description=long)) \
+        is False
+    assert fingerprint_matches(fingerprint(series_description="x$"), SeriesAttributes(series_description=long))
 
 
 def test_regex_problems_reports_every_field():

@@ -149,6 +149,8 @@ def no_ca_problem(kind, name, key):
 
 @pytest.mark.parametrize("change, reason", [
     ({"match": {"modality": "CT("}}, "InvalidRegex"),
+    ({"match": {"seriesDescription": r"(t1)\s\1"}}, "UnsupportedRegex"),
+    ({"match": {"exclude": "(?<!no )contrast", "modality": "CT("}}, "InvalidRegex"),
     ({"inferenceServer": {"url": "https://is", "model": "m", "caBundle": {"path": "/etc/ca.pem"}}},
      "UnsupportedCABundle"),
 ])
