@@ -258,6 +258,9 @@ def rtstruct(series: InputSeries, frame_uid: str, slices: list[_Slice], model: s
     ds.StructureSetName = "Toy model square"
     ds.StructureSetDate = date
     ds.StructureSetTime = time
+    # Frame of Reference module (dciodvfy checks it at the top level): the images' own frame.
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "") or ""
 
     referenced_series = Dataset()
     referenced_series.SeriesInstanceUID = series.series_uid
@@ -313,6 +316,8 @@ def secondary_capture(series: InputSeries, model: str, series_number: int) -> Da
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = f"{model} toy prediction"[:1024]
     ds.PatientOrientation = ""
+    # General Series, type 2C: dciodvfy wants it whenever the body part is not known to be unpaired.
+    ds.Laterality = first.get("Laterality", "") or ""
     ds.ContentDate = date
     ds.ContentTime = time
     references = [_reference(instance) for instance in series.instances]
