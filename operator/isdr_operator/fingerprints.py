@@ -43,9 +43,39 @@ def evaluate(body: dict, ca_problem: Callable[[str, str, str], str | None]) -> E
             problem = ca_problem(kind, ca[field]["name"], ca[field]["key"])
             if problem:
                 return Evaluation(fingerprint, False, "CABundleNotFound", problem)
+    problem = _destination_tls_problem(body["spec"]["destinations"], ca_problem)
+    if problem:
+        return Evaluation(fingerprint, False, *problem)
     server = fingerprint.inference_server
     return Evaluation(fingerprint, True, "Valid",
                       f"series matching it go to model {server.model} at {server.url} ({server.protocol})")
+
+
+def _destination_tls_problem(destinations: list[dict],
+                             ca_problem: Callable[[str, str, str], str | None]) -> tuple[str, str] | None:
+    """(reason, message) for the first destination whose TLS files cannot be mounted into a Job."""
+    for index, destination in enumerate(destinations):
+        tls = destination.get("tls") or {}
+        if not tls.get("enabled"):
+            continue
+        where = f"spec.destinations[{index}].tls"
+        ca = tls.get("caBundle") or {}
+        client = tls.get("clientCertificate") or {}
+        if "path" in ca or "certificatePath" in client:
+            return ("UnsupportedDestinationTLS",
+                    f"{where} names files on the relay's machine, which Jobs do not have: use "
+                    "caBundle.configMapKeyRef or caBundle.secretKeyRef, and clientCertificate.secretName")
+        references = [("ConfigMap", ca["configMapKeyRef"]["name"], ca["configMapKeyRef"]["key"])
+                      if "configMapKeyRef" in ca else None,
+                      ("Secret", ca["secretKeyRef"]["name"], ca["secretKeyRef"]["key"])
+                      if "secretKeyRef" in ca else None]
+        if "secretName" in client:
+            references += [("Secret", client["secretName"], "tls.crt"), ("Secret", client["secretName"], "tls.key")]
+        for reference in filter(None, references):
+            problem = ca_problem(*reference)
+            if problem:
+                return "DestinationTLSNotFound", f"{where}: {problem}"
+    return None
 
 
 def _regex_reason(fingerprint: Fingerprint) -> str:

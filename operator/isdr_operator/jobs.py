@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import json
 
-from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
+from relay.kube.job_command import (
+    DESTINATION_CA_FILE,
+    DESTINATION_CLIENT_CERTIFICATE_FILE,
+    DESTINATION_CLIENT_KEY_FILE,
+    EXIT_FAILED,
+    FINGERPRINT_CA_ENV,
+    FINGERPRINT_ENV,
+    destination_tls_dir,
+)
 from relay.kube.series_resource import (
     LABEL_FINGERPRINT,
     LABEL_MANAGED_BY,
@@ -96,6 +104,10 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
         mounts.append({"name": "fingerprint-ca", "mountPath": CA_MOUNT, "readOnly": True})
         env.append({"name": FINGERPRINT_CA_ENV, "value": f"{CA_MOUNT}/ca.pem"})
 
+    for index, source in destination_tls_volumes(fingerprint_body):
+        volumes.append({"name": f"destination-{index}-tls", **source})
+        mounts.append({"name": f"destination-{index}-tls", "mountPath": destination_tls_dir(index), "readOnly": True})
+
     # A scratch folder for the archives, since the root filesystem is read-only.
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
@@ -178,6 +190,35 @@ def pod_metadata(labels: dict[str, str], settings: JobSettings) -> dict:
     if settings.pod_annotations:
         metadata["annotations"] = dict(settings.pod_annotations)
     return metadata
+
+
+def destination_tls_volumes(fingerprint_body: dict) -> list[tuple[int, dict]]:
+    """(destination index, projected volume source) for each destination whose TLS files come
+    from a ConfigMap or Secret: its CA bundle as ca.pem, its client Secret's tls.crt and tls.key.
+    The Job's `isdr job` finds them by the same names (relay.kube.job_command)."""
+    volumes = []
+    for index, destination in enumerate(fingerprint_body["spec"]["destinations"]):
+        tls = destination.get("tls") or {}
+        if not tls.get("enabled"):
+            continue
+        sources = []
+        ca = tls.get("caBundle") or {}
+        if "configMapKeyRef" in ca:
+            ref = ca["configMapKeyRef"]
+            sources.append({"configMap": {"name": ref["name"],
+                                          "items": [{"key": ref["key"], "path": DESTINATION_CA_FILE}]}})
+        elif "secretKeyRef" in ca:
+            ref = ca["secretKeyRef"]
+            sources.append({"secret": {"name": ref["name"],
+                                       "items": [{"key": ref["key"], "path": DESTINATION_CA_FILE}]}})
+        client = (tls.get("clientCertificate") or {}).get("secretName")
+        if client:
+            sources.append({"secret": {"name": client, "items": [
+                {"key": "tls.crt", "path": DESTINATION_CLIENT_CERTIFICATE_FILE},
+                {"key": "tls.key", "path": DESTINATION_CLIENT_KEY_FILE}]}})
+        if sources:
+            volumes.append((index, {"projected": {"sources": sources}}))
+    return volumes
 
 
 def _key_volume(config_map: str | None, secret: str | None, key: str | None, path: str) -> dict | None:

@@ -32,7 +32,7 @@ from relay.fingerprints.manifest import (
     seed_path,
     seed_regex_issues,
 )
-from relay.fingerprints.model import Fingerprint
+from relay.fingerprints.model import Destination, Fingerprint
 from relay.fingerprints.schema import FieldIssue, FieldPath
 
 __all__ = [
@@ -375,24 +375,63 @@ def _documents(path: Path, text: str) -> Iterator[tuple[yaml.Node, Any] | LoadPr
         loader.dispose()
 
 
-def _local_issues(fp: Fingerprint, folder: Path) -> tuple[Fingerprint, list[FieldIssue]]:
-    """What only works on Kubernetes, and CA bundle files that are not there (for `isdr run`)."""
+def _local_file(folder: Path, path: str, where: FieldPath, what: str) -> tuple[str, list[FieldIssue]]:
+    """A file named in a manifest: relative to the manifest's folder, and it must exist."""
+    resolved = (folder / path).resolve()
+    if not resolved.is_file():
+        return path, [FieldIssue(where, f"the {what} file {str(resolved)!r} does not exist")]
+    return str(resolved), []
+
+
+def _kubernetes_only(where: FieldPath, what: str, instead: str) -> FieldIssue:
+    return FieldIssue(where, f"{what} only works on Kubernetes; outside a cluster give {instead}")
+
+
+def _local_server(fp: Fingerprint, folder: Path) -> tuple[Fingerprint, list[FieldIssue]]:
     server = fp.inference_server
     where: FieldPath = ("spec", "inferenceServer", "caBundle")
     if server.ca_bundle_ref is not None:
-        return fp, [
-            FieldIssue(
-                where,
-                f"a {server.ca_bundle_ref.kind} reference only works on Kubernetes; "
-                "outside a cluster give the PEM file as caBundle.path",
-            )
-        ]
+        kind = server.ca_bundle_ref.kind
+        return fp, [_kubernetes_only(where, f"a {kind} reference", "the PEM file as caBundle.path")]
     if server.ca_bundle is None:
         return fp, []
-    bundle = (folder / server.ca_bundle).resolve()  # a relative path is relative to the manifest
-    if not bundle.is_file():
-        return fp, [FieldIssue(where + ("path",), f"the CA bundle file {str(bundle)!r} does not exist")]
-    return replace(fp, inference_server=replace(server, ca_bundle=str(bundle))), []
+    bundle, issues = _local_file(folder, server.ca_bundle, where + ("path",), "CA bundle")
+    return replace(fp, inference_server=replace(server, ca_bundle=bundle)), issues
+
+
+def _local_destination(destination: Destination, index: int, folder: Path) -> tuple[Destination, list[FieldIssue]]:
+    tls = destination.tls
+    if tls is None:
+        return destination, []
+    where: FieldPath = ("spec", "destinations", index, "tls")
+    issues: list[FieldIssue] = []
+    if tls.ca_bundle_ref is not None:
+        issues.append(_kubernetes_only(where + ("caBundle",), f"a {tls.ca_bundle_ref.kind} reference",
+                                       "the PEM file as caBundle.path"))
+    if tls.client_secret is not None:
+        issues.append(_kubernetes_only(where + ("clientCertificate", "secretName"), "a Secret",
+                                       "clientCertificate.certificatePath and keyPath"))
+    files = {}
+    for attribute, path, what in (("ca_bundle", ("caBundle", "path"), "CA bundle"),
+                                  ("client_certificate", ("clientCertificate", "certificatePath"), "certificate"),
+                                  ("client_key", ("clientCertificate", "keyPath"), "private key")):
+        value = getattr(tls, attribute)
+        if value is not None:
+            files[attribute], found = _local_file(folder, value, where + path, what)
+            issues += found
+    return replace(destination, tls=replace(tls, **files)), issues
+
+
+def _local_issues(fp: Fingerprint, folder: Path) -> tuple[Fingerprint, list[FieldIssue]]:
+    """What only works on Kubernetes, and files that are not there (for `isdr run`); file paths
+    are made absolute (relative ones are relative to the manifest)."""
+    fp, issues = _local_server(fp, folder)
+    destinations = []
+    for index, destination in enumerate(fp.destinations):
+        destination, found = _local_destination(destination, index, folder)
+        destinations.append(destination)
+        issues += found
+    return replace(fp, destinations=tuple(destinations)), issues
 
 
 def _load_manifests(path: Path, text: str) -> tuple[list[_Loaded], list[LoadProblem]]:

@@ -19,6 +19,7 @@ from relay.fingerprints.matching import regex_problems
 from relay.fingerprints.model import (
     CABundleRef,
     Destination,
+    DestinationTLS,
     Fingerprint,
     InferenceServerRef,
     MatchRules,
@@ -144,10 +145,51 @@ def _build(manifest: Mapping[str, Any], source: str) -> Fingerprint:
             delete_when_done=server.get("deleteWhenDone"),
         ),
         destinations=tuple(
-            Destination(host=d["host"], port=d["port"], ae_title=d["aeTitle"]) for d in spec["destinations"]
+            Destination(host=d["host"], port=d["port"], ae_title=d["aeTitle"], tls=_destination_tls(d.get("tls")))
+            for d in spec["destinations"]
         ),
         source=source,
     )
+
+
+def _destination_tls(tls: Mapping[str, Any] | None) -> DestinationTLS | None:
+    """The TLS settings of a destination; None for plain DICOM (no tls, or enabled: false)."""
+    if not tls or not tls.get("enabled"):
+        return None
+    ca = tls.get("caBundle", {})
+    client = tls.get("clientCertificate", {})
+    return DestinationTLS(
+        ca_bundle=ca.get("path"),
+        ca_bundle_ref=_ca_bundle_ref(ca),
+        client_certificate=client.get("certificatePath"),
+        client_key=client.get("keyPath"),
+        client_secret=client.get("secretName"),
+        server_name=tls.get("serverName"),
+    )
+
+
+def _ca_bundle_spec(path: str | None, ref: CABundleRef | None) -> dict[str, Any] | None:
+    if ref is not None:
+        return {f"{ref.kind}KeyRef": {"name": ref.name, "key": ref.key}}
+    return {"path": path} if path is not None else None
+
+
+def _destination_spec(destination: Destination) -> dict[str, Any]:
+    spec: dict[str, Any] = {"host": destination.host, "port": destination.port, "aeTitle": destination.ae_title}
+    tls = destination.tls
+    if tls is None:
+        return spec
+    spec["tls"] = {"enabled": True}
+    ca = _ca_bundle_spec(tls.ca_bundle, tls.ca_bundle_ref)
+    if ca:
+        spec["tls"]["caBundle"] = ca
+    if tls.client_secret:
+        spec["tls"]["clientCertificate"] = {"secretName": tls.client_secret}
+    elif tls.client_certificate:
+        spec["tls"]["clientCertificate"] = {"certificatePath": tls.client_certificate, "keyPath": tls.client_key}
+    if tls.server_name:
+        spec["tls"]["serverName"] = tls.server_name
+    return spec
 
 
 def fingerprint_issues(fp: Fingerprint) -> list[FieldIssue]:
@@ -197,11 +239,9 @@ def fingerprint_to_manifest(fp: Fingerprint) -> dict[str, Any]:
     """The manifest of a fingerprint; optional settings appear only when set."""
     server = fp.inference_server
     server_spec: dict[str, Any] = {"url": server.url, "protocol": server.protocol, "model": server.model}
-    if server.ca_bundle_ref is not None:
-        ref = server.ca_bundle_ref
-        server_spec["caBundle"] = {f"{ref.kind}KeyRef": {"name": ref.name, "key": ref.key}}
-    elif server.ca_bundle is not None:
-        server_spec["caBundle"] = {"path": server.ca_bundle}
+    ca = _ca_bundle_spec(server.ca_bundle, server.ca_bundle_ref)
+    if ca:
+        server_spec["caBundle"] = ca
     if server.poll_interval_seconds is not None:
         server_spec["pollIntervalSeconds"] = _whole(server.poll_interval_seconds)
     if server.timeout_seconds is not None:
@@ -215,7 +255,7 @@ def fingerprint_to_manifest(fp: Fingerprint) -> dict[str, Any]:
         "spec": {
             "match": {key: getattr(fp.match, attr) for attr, key, _ in MATCH_FIELDS},
             "inferenceServer": server_spec,
-            "destinations": [{"host": d.host, "port": d.port, "aeTitle": d.ae_title} for d in fp.destinations],
+            "destinations": [_destination_spec(d) for d in fp.destinations],
         },
     }
 

@@ -25,21 +25,41 @@ class MatchRules:
 
 
 @dataclass(frozen=True)
-class Destination:
-    """A DICOM storage SCP that receives the predictions."""
-
-    host: str
-    port: int
-    ae_title: str
-
-
-@dataclass(frozen=True)
 class CABundleRef:
     """A CA bundle kept in a ConfigMap or Secret (custom resources only; the operator resolves it)."""
 
     kind: Literal["configMap", "secret"]
     name: str
     key: str
+
+
+@dataclass(frozen=True)
+class DestinationTLS:
+    """DICOM over TLS (PS3.15 secure transport) to one destination.
+
+    The destination's certificate is verified against `ca_bundle` (a PEM file; None: the
+    system's trusted CAs) and must name `server_name` (None: the destination's host). A client
+    certificate and key (PEM files) are shown to destinations that require one (mutual TLS).
+    On Kubernetes the files come from a ConfigMap or Secret (`ca_bundle_ref`) and a
+    kubernetes.io/tls Secret (`client_secret`), mounted into the task's Job, which sets the paths.
+    """
+
+    ca_bundle: str | None = None
+    ca_bundle_ref: CABundleRef | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+    client_secret: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM storage SCP that receives the predictions."""
+
+    host: str
+    port: int
+    ae_title: str
+    tls: DestinationTLS | None = None  # None: plain DICOM (TCP)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,14 @@ def _exactly_one_ca_source(value: Any) -> bool:
     return sum(key in value for key in ("configMapKeyRef", "secretKeyRef", "path")) == 1
 
 
+def _client_certificate_source(value: Any) -> bool:
+    if not isinstance(value, Mapping):
+        return True
+    if "secretName" in value:
+        return "certificatePath" not in value and "keyPath" not in value
+    return "certificatePath" in value and "keyPath" in value
+
+
 def _series_level_has_match(value: Any) -> bool:
     if not isinstance(value, Mapping):
         return True
@@ -121,6 +129,8 @@ CEL_TWINS: dict[str, Callable[[Any], bool]] = {
         _exactly_one_ca_source
     ),
     "!self.startsWith(' ') && !self.endsWith(' ')": _no_outer_space,
+    "has(self.secretName) ? !has(self.certificatePath) && !has(self.keyPath) "
+    ": has(self.certificatePath) && has(self.keyPath)": _client_certificate_source,
 }
 
 

@@ -17,9 +17,11 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 from relay.config import ConfigError, load_settings
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest
+from relay.fingerprints.model import Fingerprint
 from relay.kube.task_store import TaskStore
 from relay.lifecycle import TASK_FAILED, TASK_SUCCEEDED, TaskState
 from relay.pipeline import Interrupted, PipelineSettings, TaskRunner, TaskSpec
@@ -34,6 +36,35 @@ FINGERPRINT_ENV = "ISDR_FINGERPRINT"
 # Where the fingerprint's CA bundle (a ConfigMap or Secret key) is mounted, if it has one.
 FINGERPRINT_CA_ENV = "ISDR_FINGERPRINT_CA_FILE"
 
+# The TLS files of destination i (its CA bundle, its client certificate Secret) are mounted by
+# the operator at destination_tls_dir(i), under these names.
+DESTINATION_TLS_MOUNT = "/etc/isdr/destination-tls"
+DESTINATION_CA_FILE = "ca.pem"
+DESTINATION_CLIENT_CERTIFICATE_FILE = "tls.crt"  # the keys of a kubernetes.io/tls Secret
+DESTINATION_CLIENT_KEY_FILE = "tls.key"
+
+
+def destination_tls_dir(index: int) -> str:
+    return f"{DESTINATION_TLS_MOUNT}/{index}"
+
+
+def with_mounted_destination_tls(fingerprint: Fingerprint) -> Fingerprint:
+    """The fingerprint with its destinations' Secret and ConfigMap references replaced by the
+    files the operator mounted into the Job."""
+    destinations = []
+    for index, destination in enumerate(fingerprint.destinations):
+        tls = destination.tls
+        if tls is not None:
+            folder = destination_tls_dir(index)
+            if tls.ca_bundle_ref is not None:
+                tls = replace(tls, ca_bundle=f"{folder}/{DESTINATION_CA_FILE}")
+            if tls.client_secret is not None:
+                tls = replace(tls, client_certificate=f"{folder}/{DESTINATION_CLIENT_CERTIFICATE_FILE}",
+                              client_key=f"{folder}/{DESTINATION_CLIENT_KEY_FILE}")
+            destination = replace(destination, tls=tls)
+        destinations.append(destination)
+    return replace(fingerprint, destinations=tuple(destinations))
+
 
 def say(line: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", flush=True)
@@ -47,11 +78,9 @@ def _fingerprint():
     fingerprint = fingerprint_from_manifest(manifest, source="the Job's fingerprint")
     ca_file = os.environ.get(FINGERPRINT_CA_ENV)
     if ca_file:
-        from dataclasses import replace
-
         fingerprint = replace(fingerprint,
                               inference_server=replace(fingerprint.inference_server, ca_bundle=ca_file))
-    return fingerprint
+    return with_mounted_destination_tls(fingerprint)
 
 
 def run_job(args) -> int:

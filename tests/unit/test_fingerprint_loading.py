@@ -696,7 +696,8 @@ def test_crd_status_keeps_kopf_state_and_follows_condition_conventions():
 
 
 def test_every_cel_rule_has_exactly_one_python_twin():
-    rules = list(schema.cel_rules(schema.crd_schema()))
+    # A rule used in two places (the CA bundle's "exactly one source") has one twin.
+    rules = set(schema.cel_rules(schema.crd_schema()))
     assert sorted(rules) == sorted(schema.CEL_TWINS)
 
 
