@@ -280,12 +280,16 @@ class TaskRunner:
                 if permanent:
                     details = ", ".join(f"{uid} ({meaning})" for uid, (_, meaning) in
                                         sorted(permanent.items())[:5])
-                    return state, f"{where} refused {len(permanent)} of {len(files)} predictions: {details}"
+                    problem = f"{where} refused {len(permanent)} of {len(files)} predictions: {details}"
+                    log.error("delivery failed for good: %s", problem)
+                    return state, problem
                 if not result.refused:
                     continue  # all accepted: the loop's first check reports it
                 failure = f"{where} refused {len(result.refused)} predictions for now (out of resources)"
             delay = next(backoff)
             if time.monotonic() + delay > deadline:
-                return state, f"{failure}; gave up after {self.settings.delivery_timeout:.0f}s"
+                problem = f"{failure}; gave up after {self.settings.delivery_timeout:.0f}s"
+                log.error("delivery failed for good: %s", problem)
+                return state, problem
             self.say(f"{failure}; retrying in {delay:.0f}s")
             self._pause(delay)
