@@ -1,14 +1,23 @@
-"""Delivery of predictions to a DICOM destination (C-STORE SCU).
+"""Delivery of predictions to a DICOM destination (C-STORE SCU), over TCP or TLS.
 
-Presentation contexts are built from the files actually sent: one per SOP class, offering the
-transfer syntaxes the files are encoded in, so nothing is transcoded and nothing is proposed
-that is not needed. A destination's status is kept per instance, so that a retry resends only
-what it has not accepted yet.
+Presentation contexts are built from the files actually sent: for each SOP class, one context
+per transfer syntax, so that the destination accepts or refuses each syntax on its own. A file
+is offered in its own syntax and, where it can be converted (relay.dicom.transcode), in explicit
+and implicit VR little endian too. It is sent as it is when the destination accepted its own
+syntax, and converted otherwise. A destination's status is kept per instance, so that a retry
+resends only what it has not accepted yet.
+
+TLS (PS3.15 secure transport) is per destination: its certificate is verified against the
+destination's CA bundle (or the system's CAs) and must name its host (or tls.server_name); a
+client certificate is shown when configured (mutual TLS). A failed handshake is reported with
+its reason, and, like any connection failure, retried by the delivery rules.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +29,23 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from relay.dicom.network import NODELAY_HANDLER
-from relay.fingerprints.model import Destination
+from relay.dicom.transcode import (
+    DEFAULT_MAX_DECODED_BYTES,
+    ConversionError,
+    conversion_targets,
+    convert,
+    decoder_available,
+)
+from relay.fingerprints.model import Destination, DestinationTLS
 
 log = logging.getLogger("relay.sender")
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts in one association
+NOT_SENT = 0x0122  # the status recorded for a file that no accepted context could carry
 
 # Send each file's dataset bytes as they are on disk instead of decoding and re-encoding them:
-# faster, and what the destination gets is exactly what the model produced. This needs the
-# accepted transfer syntax to be the file's own, which is what plan_contexts proposes.
+# faster, and what the destination gets is exactly what the model produced (or what
+# relay.dicom.transcode wrote). Each file is sent in a context of its own syntax.
 pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
@@ -75,17 +92,110 @@ def read_outgoing(paths: Iterable[Path]) -> list[OutgoingFile]:
     return files
 
 
-def plan_contexts(files: list[OutgoingFile]) -> list[list[tuple[str, list[str]]]]:
-    """Group the files' (SOP class, transfer syntaxes) into associations of at most 128 contexts."""
-    syntaxes: dict[str, set[str]] = defaultdict(set)
+class _TLSContext(ssl.SSLContext):
+    """An SSL context that remembers why a handshake failed: pynetdicom only logs it."""
+
+    failure: OSError | None = None
+
+
+class _RecordingSSLSocket(ssl.SSLSocket):
+    def connect(self, address):  # noqa: ANN001 - ssl.SSLSocket's signature
+        try:
+            super().connect(address)
+        except OSError as exc:
+            self.context.failure = exc
+            raise
+
+
+_TLSContext.sslsocket_class = _RecordingSSLSocket
+
+
+def tls_context(tls: DestinationTLS) -> _TLSContext:
+    """The client context for one destination; raises DestinationUnavailable for unusable files."""
+    context = _TLSContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195, as dcmtk's default profile
+    try:
+        if tls.ca_bundle:
+            context.load_verify_locations(cafile=tls.ca_bundle)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if tls.client_certificate:
+            context.load_cert_chain(tls.client_certificate, tls.client_key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise DestinationUnavailable(f"the destination's TLS settings cannot be used: {exc}") from exc
+    return context
+
+
+def _tls_failure(where: str, tls: DestinationTLS, context: _TLSContext) -> str:
+    exc = context.failure
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        against = tls.ca_bundle or "the system's trusted CAs"
+        return (f"{where}: TLS handshake failed: the destination's certificate does not verify against "
+                f"{against}: {exc.verify_message or exc.reason}")
+    if exc is not None:
+        return f"{where}: TLS handshake failed: {exc}"
+    hint = "" if tls.client_certificate else " (if it requires a client certificate, set tls.clientCertificate)"
+    return f"{where} did not accept an association over TLS{hint}"
+
+
+def plan_contexts(files: list[OutgoingFile]) -> list[list[tuple[str, str]]]:
+    """(SOP class, transfer syntax) pairs to propose, one presentation context each, grouped into
+    associations of at most 128 contexts; all the contexts of a SOP class in one association."""
+    syntaxes: dict[str, list[str]] = defaultdict(list)
     for item in files:
-        syntaxes[item.sop_class_uid].add(item.transfer_syntax)
-    contexts = [(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())]
-    return [contexts[i:i + MAX_CONTEXTS] for i in range(0, len(contexts), MAX_CONTEXTS)] or [[]]
+        for syntax in conversion_targets(item.transfer_syntax):
+            if syntax not in syntaxes[item.sop_class_uid]:
+                syntaxes[item.sop_class_uid].append(syntax)
+    groups: list[list[tuple[str, str]]] = [[]]
+    for sop_class in sorted(syntaxes):
+        contexts = [(sop_class, syntax) for syntax in syntaxes[sop_class]]
+        if len(groups[-1]) + len(contexts) > MAX_CONTEXTS:
+            groups.append([])
+        groups[-1].extend(contexts)
+    return groups
+
+
+def _not_sendable(item: OutgoingFile) -> str:
+    offered = ", ".join(pydicom.uid.UID(ts).name for ts in conversion_targets(item.transfer_syntax))
+    reason = f"destination accepted no presentation context for {item.sop_class_uid} in {offered}"
+    syntax = pydicom.uid.UID(item.transfer_syntax)
+    if syntax.is_compressed and not decoder_available(syntax):
+        reason += f" (no decoder for {syntax.name} is installed to convert it)"
+    return reason
+
+
+def _associate(ae: AE, destination: Destination, where: str):
+    tls = destination.tls
+    context = tls_context(tls) if tls is not None else None
+    tls_args = (context, tls.server_name or destination.host) if tls is not None else None
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[NODELAY_HANDLER], tls_args=tls_args)
+    except OSError as exc:  # e.g. an unresolvable host name
+        raise DestinationUnavailable(f"{where}: {exc}") from exc
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        return assoc  # it answered, and refused everything offered: a lasting refusal, not an outage
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise DestinationUnavailable(f"{where} rejected the association")
+        if tls is not None:
+            raise DestinationUnavailable(_tls_failure(where, tls, context))
+        raise DestinationUnavailable(f"{where} did not accept an association (down or unreachable)")
+    return assoc
+
+
+def _store(assoc, item: OutgoingFile, path: Path) -> tuple[int | None, str]:
+    if not assoc.is_established:
+        return None, "association ended early"
+    status = assoc.send_c_store(path)
+    code = getattr(status, "Status", None)
+    if code is None:
+        return None, "no answer (timeout or abort)"
+    return code, f"status 0x{code:04X}"
 
 
 def send_files(destination: Destination, files: list[OutgoingFile], calling_ae_title: str,
-               timeout: float = 60.0) -> DeliveryResult:
+               timeout: float = 60.0, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> DeliveryResult:
     """One delivery attempt; raises DestinationUnavailable when no association could be made."""
     result = DeliveryResult()
     if not files:
@@ -98,40 +208,41 @@ def send_files(destination: Destination, files: list[OutgoingFile], calling_ae_t
         ae.acse_timeout = timeout
         ae.dimse_timeout = timeout
         ae.network_timeout = timeout
-        ae.requested_contexts = [build_context(sop_class, ts) for sop_class, ts in group]
+        ae.connection_timeout = timeout
+        ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in group]
+        assoc = _associate(ae, destination, where)
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts} \
+            if assoc.is_established else set()
         try:
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                 evt_handlers=[NODELAY_HANDLER])
-        except OSError as exc:  # e.g. an unresolvable host name
-            raise DestinationUnavailable(f"{where}: {exc}") from exc
-        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-            # It answered, and refused everything offered: a lasting refusal, not an outage.
-            accepted = set()
-        elif not assoc.is_established:
-            if assoc.is_rejected:
-                raise DestinationUnavailable(f"{where} rejected the association")
-            raise DestinationUnavailable(f"{where} did not accept an association (down or unreachable)")
-        else:
-            accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
-        try:
-            for item in group_files:
-                if (item.sop_class_uid, item.transfer_syntax) not in accepted:
-                    result.refused[item.sop_instance_uid] = (
-                        0x0122, "destination accepted no presentation context for "
-                                f"{item.sop_class_uid} in {item.transfer_syntax}")
-                    continue
-                if not assoc.is_established:
-                    result.refused[item.sop_instance_uid] = (None, "association ended early")
-                    continue
-                status = assoc.send_c_store(item.path)
-                code = getattr(status, "Status", None)
-                if code is None:
-                    result.refused[item.sop_instance_uid] = (None, "no answer (timeout or abort)")
-                elif code == 0x0000 or (code & 0xF000) == 0xB000:  # success, or a warning
-                    result.accepted.append(item.sop_instance_uid)
-                else:
-                    result.refused[item.sop_instance_uid] = (code, f"status 0x{code:04X}")
+            with tempfile.TemporaryDirectory(prefix=".converted-", dir=group_files[0].path.parent) as scratch:
+                for item in group_files:
+                    _send_one(assoc, item, accepted, Path(scratch), where, max_decoded_bytes, result)
         finally:
             if assoc.is_established:
                 assoc.release()
     return result
+
+
+def _send_one(assoc, item: OutgoingFile, accepted: set[tuple[str, str]], scratch: Path, where: str,
+              max_decoded_bytes: int, result: DeliveryResult) -> None:
+    target = next((syntax for syntax in conversion_targets(item.transfer_syntax)
+                   if (item.sop_class_uid, syntax) in accepted), None)
+    if target is None:
+        result.refused[item.sop_instance_uid] = (NOT_SENT, _not_sendable(item))
+        return
+    path = item.path
+    if target != item.transfer_syntax:
+        try:
+            path = convert(item.path, target, scratch / f"{item.sop_instance_uid}.dcm", max_decoded_bytes).path
+        except ConversionError as exc:
+            result.refused[item.sop_instance_uid] = (
+                NOT_SENT, f"cannot convert it from {pydicom.uid.UID(item.transfer_syntax).name} to "
+                          f"{pydicom.uid.UID(target).name}, the syntax {where} accepted: {exc}")
+            return
+        log.info("converted prediction %s from %s to %s for %s", item.sop_instance_uid,
+                 pydicom.uid.UID(item.transfer_syntax).name, pydicom.uid.UID(target).name, where)
+    code, meaning = _store(assoc, item, path)
+    if code is not None and (code == 0x0000 or (code & 0xF000) == 0xB000):  # success, or a warning
+        result.accepted.append(item.sop_instance_uid)
+    else:
+        result.refused[item.sop_instance_uid] = (code, meaning)

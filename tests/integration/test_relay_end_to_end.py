@@ -166,8 +166,7 @@ def test_destination_down_then_back(tmp_path, emulator, pacs, relays):
     assert emulator.stats()["submits"] == 1
 
 
-def test_a_destination_refusing_the_predictions_fails_the_task_per_instance(tmp_path, emulator, relays,
-                                                                            dcmtk):
+def test_an_implicit_vr_only_destination_gets_the_predictions_converted(tmp_path, emulator, relays, dcmtk):
     from tests.support.dicom_peers import StoreSCP
 
     # This PACS accepts implicit VR little endian only; the model's RTSTRUCT is explicit VR.
@@ -176,13 +175,50 @@ def test_a_destination_refusing_the_predictions_fails_the_task_per_instance(tmp_
         relay = relays()
         relay.add_manifest(manifest("ct", emulator.base_url, "toy", picky))
         relay.start()
-        send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+        series = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+        send(relay, series)
 
-        log = relay.wait_for_log(r"task failed: PICKY@127\.0\.0\.1:\d+ refused 1 of 1 predictions")
-        assert "accepted no presentation context" in log
-        assert picky.files() == [] and relay.alive()
+        received = picky.wait_for_files(1)
+        assert_rtstruct_for(received, series)
+        assert pydicom.dcmread(received[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        relay.wait_for_log(r"converted prediction \S+ from Explicit VR Little Endian to Implicit VR Little Endian "
+                           r"for PICKY@127\.0\.0\.1:\d+")
+        relay.wait_for_log(r"task succeeded")
     finally:
         picky.stop()
+
+
+def test_predictions_reach_orthanc_as_a_destination(tmp_path, emulator, relays, orthancs, dcmtk):
+    orthanc = orthancs("ORTHANC")
+    relay = relays()
+    relay.add_manifest(manifest("ct", emulator.base_url, "toy", orthanc))
+    relay.start()
+    series = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+
+    send(relay, series)
+
+    (instance,) = orthanc.wait_for_instances(1)
+    tags = orthanc.tags(instance)
+    source = pydicom.dcmread(series[0], stop_before_pixels=True)
+    assert tags["SOPClassUID"] == RTSTRUCT and tags["StudyInstanceUID"] == source.StudyInstanceUID
+    assert orthanc.metadata(instance)["RemoteAET"] == relay.ae_title
+    relay.wait_for_log(r"task succeeded")
+
+
+def test_a_destination_refusing_every_syntax_fails_the_task_and_says_so_at_error(tmp_path, emulator, relays,
+                                                                                 orthancs, dcmtk):
+    jpeg_only = orthancs("JPEGONLY", accepted_transfer_syntaxes=["1.2.840.10008.1.2.4.50"])
+    relay = relays()
+    relay.add_manifest(manifest("ct", emulator.base_url, "toy", jpeg_only))
+    relay.start()
+    send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+
+    log = relay.wait_for_log(r"ERROR +relay.pipeline: delivery failed for good: JPEGONLY@127\.0\.0\.1:\d+ "
+                             r"refused 1 of 1 predictions")
+    assert "accepted no presentation context for 1.2.840.10008.5.1.4.1.1.481.3 in Explicit VR Little Endian, " \
+           "Implicit VR Little Endian" in log
+    relay.wait_for_log(r"task failed: JPEGONLY")
+    assert jpeg_only.instance_ids() == [] and relay.alive()
 
 
 def test_killed_during_receive_keeps_every_acknowledged_instance(tmp_path, emulator, pacs, relays):

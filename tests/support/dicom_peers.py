@@ -29,10 +29,16 @@ def echoscu(port: int, called_ae: str = "ISDR", calling_ae: str = "SCANNER") -> 
 
 
 class StoreSCP:
-    """dcmtk's storescp as a destination (a PACS stand-in) writing into a folder."""
+    """dcmtk's storescp as a destination (a PACS stand-in) writing into a folder.
 
-    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None, options=()):
+    tls=(certificate, key) makes it speak DICOM over TLS only; client_cas are the CA files it
+    verifies client certificates against, and it then requires one (mutual TLS)."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None, options=(),
+                 tls: tuple[Path, Path] | None = None, client_cas=()):
         self.options = list(options)  # extra storescp flags, e.g. +xi (implicit VR only)
+        self.tls = tls
+        self.client_cas = list(client_cas)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -43,12 +49,24 @@ class StoreSCP:
         binary = require_dcmtk("storescp")
         self.process = ManagedProcess(
             [binary, "-aet", self.ae_title, "--output-directory", str(self.folder),
-             *(self.options or ["--accept-all"]), str(self.port)],
+             *(self.options or ["--accept-all"]), *self._tls_options(), str(self.port)],
             self.folder.parent / f"storescp-{self.port}.log",
             env=dcmtk_env(),
         )
         wait_for_port(self.port, process=self.process.popen)
         return self
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return []
+        certificate, key = self.tls
+        options = ["+tls", str(key), str(certificate)]
+        if not self.client_cas:
+            return options + ["--ignore-peer-cert"]
+        return options + ["--require-peer-cert"] + [arg for ca in self.client_cas for arg in ("+cf", str(ca))]
+
+    def log(self) -> str:
+        return self.process.output() if self.process is not None else ""
 
     def stop(self) -> None:
         if self.process is not None:
