@@ -17,6 +17,7 @@ from relay.kube.job_command import (
     FINGERPRINT_CA_ENV,
     FINGERPRINT_ENV,
     destination_tls_dir,
+    destination_tls_env,
 )
 from relay.kube.series_resource import (
     LABEL_FINGERPRINT,
@@ -107,6 +108,7 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
     for index, source in destination_tls_volumes(fingerprint_body):
         volumes.append({"name": f"destination-{index}-tls", **source})
         mounts.append({"name": f"destination-{index}-tls", "mountPath": destination_tls_dir(index), "readOnly": True})
+        env.append({"name": destination_tls_env(index), "value": destination_tls_dir(index)})
 
     # A scratch folder for the archives, since the root filesystem is read-only.
     volumes.append({"name": "tmp", "emptyDir": {}})

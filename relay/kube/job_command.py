@@ -37,7 +37,8 @@ FINGERPRINT_ENV = "ISDR_FINGERPRINT"
 FINGERPRINT_CA_ENV = "ISDR_FINGERPRINT_CA_FILE"
 
 # The TLS files of destination i (its CA bundle, its client certificate Secret) are mounted by
-# the operator at destination_tls_dir(i), under these names.
+# the operator into one folder, named to the Job by the environment variable
+# destination_tls_env(i), under these file names.
 DESTINATION_TLS_MOUNT = "/etc/isdr/destination-tls"
 DESTINATION_CA_FILE = "ca.pem"
 DESTINATION_CLIENT_CERTIFICATE_FILE = "tls.crt"  # the keys of a kubernetes.io/tls Secret
@@ -48,14 +49,18 @@ def destination_tls_dir(index: int) -> str:
     return f"{DESTINATION_TLS_MOUNT}/{index}"
 
 
-def with_mounted_destination_tls(fingerprint: Fingerprint) -> Fingerprint:
+def destination_tls_env(index: int) -> str:
+    return f"ISDR_DESTINATION_TLS_DIR_{index}"
+
+
+def with_mounted_destination_tls(fingerprint: Fingerprint, environ=os.environ) -> Fingerprint:
     """The fingerprint with its destinations' Secret and ConfigMap references replaced by the
     files the operator mounted into the Job."""
     destinations = []
     for index, destination in enumerate(fingerprint.destinations):
         tls = destination.tls
-        if tls is not None:
-            folder = destination_tls_dir(index)
+        if tls is not None and (tls.ca_bundle_ref is not None or tls.client_secret is not None):
+            folder = environ.get(destination_tls_env(index), destination_tls_dir(index))
             if tls.ca_bundle_ref is not None:
                 tls = replace(tls, ca_bundle=f"{folder}/{DESTINATION_CA_FILE}")
             if tls.client_secret is not None:

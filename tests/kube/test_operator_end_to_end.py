@@ -259,6 +259,50 @@ def test_fingerprint_to_predictions_through_one_job(kube_cluster, relay, peers, 
           f"(creationTimestamp: {dispatch_delay:.0f}s, whole seconds)")
 
 
+def test_predictions_reach_a_mutual_tls_destination_with_certificates_from_secrets(
+        kube_cluster, relay, peers, tmp_path):
+    from tests.support.certificates import CertificateAuthority
+
+    emulator, _ = peers
+    pacs_ca = CertificateAuthority(tmp_path / "pacs-ca", "PACS CA")
+    pacs_certificate = pacs_ca.issue("pacs", server=True)
+    client_ca = CertificateAuthority(tmp_path / "client-ca", "ISDR client CA")
+    client = client_ca.issue("isdr", client=True)
+    secure = StoreSCP(tmp_path / "secure", ae_title="SECURE", tls=(pacs_certificate.certificate, pacs_certificate.key),
+                      client_cas=[client_ca.certificate]).start()
+    try:
+        r = relay()
+        kube_cluster.kubectl("create", "secret", "generic", "pacs-ca", "-n", r.namespace,
+                             f"--from-file=ca.crt={pacs_ca.certificate}")
+        kube_cluster.kubectl("create", "secret", "tls", "isdr-client", "-n", r.namespace,
+                             f"--cert={client.certificate}", f"--key={client.key}")
+        fingerprint = fingerprint_manifest("secure", emulator, secure)
+        fingerprint["spec"]["destinations"][0]["tls"] = {
+            "enabled": True, "caBundle": {"secretKeyRef": {"name": "pacs-ca", "key": "ca.crt"}},
+            "clientCertificate": {"secretName": "isdr-client"}}
+        assert r.apply(fingerprint).returncode == 0
+        wait_until(lambda: any(c["type"] == "Ready" and c["status"] == "True"
+                               for c in (r.fingerprint("secure").get("status") or {}).get("conditions", [])),
+                   30, "the Fingerprint to be Ready")
+        files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+        key = key_of(files)
+
+        r.send(files)
+
+        job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job for the series")
+        kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=120)
+        (prediction,) = secure.wait_for_files(1)
+        import pydicom
+
+        study = pydicom.dcmread(prediction).ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+        assert study.RTReferencedSeriesSequence[0].SeriesInstanceUID == key.series_uid
+        r.wait_series_phase(key, "Succeeded")
+        volumes = {v.name for v in job.spec.template.spec.volumes}
+        assert "destination-0-tls" in volumes
+    finally:
+        secure.stop()
+
+
 def test_invalid_fingerprints_are_refused_or_not_ready(relay, peers):
     emulator, pacs = peers
     r = relay()

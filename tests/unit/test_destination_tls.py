@@ -198,7 +198,9 @@ def test_the_job_mounts_each_destinations_tls_secrets_where_isdr_job_finds_them(
 
     # `isdr job` reads the fingerprint from the Job and points the destinations at the mounts.
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    fingerprint = with_mounted_destination_tls(fingerprint_from_manifest(json.loads(env["ISDR_FINGERPRINT"]), "job"))
+    assert env["ISDR_DESTINATION_TLS_DIR_1"] == "/etc/isdr/destination-tls/1"
+    fingerprint = with_mounted_destination_tls(fingerprint_from_manifest(json.loads(env["ISDR_FINGERPRINT"]), "job"),
+                                               env)
     tls = fingerprint.destinations[1].tls
     assert (tls.ca_bundle, tls.client_certificate, tls.client_key, tls.server_name) == (
         "/etc/isdr/destination-tls/1/ca.pem", "/etc/isdr/destination-tls/1/tls.crt",
