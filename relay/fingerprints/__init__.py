@@ -25,6 +25,7 @@ from relay.fingerprints.matching import fingerprint_matches, matching_fingerprin
 from relay.fingerprints.model import (
     CABundleRef,
     Destination,
+    DestinationTLS,
     Fingerprint,
     InferenceServerRef,
     MatchRules,
@@ -34,6 +35,7 @@ from relay.fingerprints.model import (
 __all__ = [
     "CABundleRef",
     "Destination",
+    "DestinationTLS",
     "Fingerprint",
     "FingerprintError",
     "InferenceServerRef",
