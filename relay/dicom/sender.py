@@ -64,7 +64,8 @@ class OutgoingFile:
 @dataclass
 class DeliveryResult:
     accepted: list[str] = field(default_factory=list)  # SOP Instance UIDs
-    # SOP Instance UID -> (status, meaning); status None when no context was accepted for it
+    # SOP Instance UID -> (status, meaning): the destination's status, NOT_SENT when no accepted
+    # context could carry the file, None when no answer came
     refused: dict[str, tuple[int | None, str]] = field(default_factory=dict)
 
     @property
