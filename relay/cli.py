@@ -22,17 +22,25 @@ example:
 
 
 def _cmd_run(args) -> int:
+    from relay import metrics
     from relay.runner import Relay
 
     settings = receiver_settings("run", args, fingerprint_dir=args.fingerprint_dir)
     if settings is None:
         return 2
     relay = Relay(settings)
+    endpoint = metrics.serve(settings.metrics_port, [
+        metrics.SeriesCollector(lambda: ((s.phase, (t.phase for t in s.tasks)) for s in relay.registry.snapshot())),
+        metrics.StorageCollector(relay.storage, settings.min_free_bytes),
+    ])
     try:
         relay.serve_forever()
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("relay").error("cannot start: %s", exc)
         return 1
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
     return 0
 
 

@@ -98,6 +98,11 @@ class Settings:
     # --- all-in-one runner ---
     workers: int = 4
 
+    # --- watching it run ---
+    # Prometheus metrics at http://<host>:METRICS_PORT/metrics (isdr run, isdr scp, isdr operator);
+    # 0 turns them off. `isdr job` (short-lived) never serves them.
+    metrics_port: int = 9120
+
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -139,6 +144,7 @@ _ENV = {
     "DELIVERY_TIMEOUT": ("delivery_timeout", lambda n, v: _parse_number(n, v, float, 1)),
     "DELIVERY_AE_TITLE": ("delivery_ae_title", lambda n, v: v.strip() or None),
     "WORKERS": ("workers", lambda n, v: _parse_number(n, v, int, 1)),
+    "METRICS_PORT": ("metrics_port", lambda n, v: _parse_number(n, v, int, 0)),
 }
 
 ENV_VARIABLES = tuple(_ENV)
@@ -173,6 +179,8 @@ def lifecycle_rules(settings: Settings):
 def validate(settings: Settings) -> None:
     if not 1 <= settings.scp_port <= 65535:
         raise ConfigError(f"SCP_PORT={settings.scp_port}: must be 1-65535")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise ConfigError(f"METRICS_PORT={settings.metrics_port}: must be 1-65535, or 0 for no metrics")
     if not 1 <= len(settings.scp_ae_title) <= 16 or "\\" in settings.scp_ae_title:
         raise ConfigError(f"SCP_AE_TITLE={settings.scp_ae_title!r}: must be 1-16 characters, no backslash")
     if settings.storage not in ("local", "s3"):

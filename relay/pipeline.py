@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from relay import metrics
 from relay.config import Settings
 from relay.dicom.sender import (
     DestinationUnavailable,
@@ -137,12 +138,12 @@ class TaskRunner:
         try:
             with tempfile.TemporaryDirectory(prefix=f"isdr-{spec.task_id}-", dir=self.workdir) as tmp:
                 work = Path(tmp)
-                client = make_client(
+                client = metrics.ObservedInferenceClient(make_client(
                     server,
                     ClientSettings(ca_bundle=server.ca_bundle or self.settings.ca_bundle,
                                    post_timeout=self.settings.post_timeout),
                     download_dir=work,
-                )
+                ))
                 if state.inference_uid is None:
                     state = self._submit(spec, state, client, work)
                 else:
@@ -189,6 +190,7 @@ class TaskRunner:
             # have it. No uid means nothing to poll, so the only way forward is to send again.
             self.say("the previous submit's outcome is unknown (interrupted before its answer was "
                      "recorded); submitting again")
+            metrics.possible_duplicate_submit()
         files = self._fetch(spec, work / "input" / spec.series.slug)
         archive = build_input_archive(client.archive_format(), {spec.series.slug: files},
                                       work / f"input.{client.archive_format()}")
@@ -270,7 +272,10 @@ class TaskRunner:
                 result = send_files(destination, pending, self.settings.calling_ae_title)
             except DestinationUnavailable as exc:
                 result, failure = None, str(exc)
+                metrics.delivery_error(metrics.DELIVERY_UNAVAILABLE)
             if result is not None:
+                if result.refused:
+                    metrics.delivery_error(metrics.DELIVERY_REFUSED)
                 if result.accepted:
                     delivered = dict(state.delivered)
                     delivered[where] = tuple(sorted(done | set(result.accepted)))

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from relay import metrics
 from relay.config import Settings, lifecycle_rules
 from relay.dicom.identity import identify_part10
 from relay.dicom.receiver import Receiver
@@ -90,7 +91,7 @@ class Relay:
         self.rules = lifecycle_rules(settings)
         self.registry = SeriesRegistry(SeriesStore(self.storage), self.rules)
         self.fingerprints = FingerprintSource(settings.fingerprint_dir)
-        self.receiver = Receiver(settings, self.storage, self.registry)
+        self.receiver = Receiver(settings, self.storage, metrics.CountingSink(self.registry))
         self.pipeline_settings = PipelineSettings.from_settings(settings)
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="task")
         self._running: set[str] = set()
@@ -242,6 +243,7 @@ class Relay:
             if task.task_id in self._running:
                 return
             self._running.add(task.task_id)
+        metrics.task_started(task.task_id, task.fingerprint)
         self._pool.submit(self._run_task, series.key, task.task_id)
 
     def _run_task(self, key: SeriesKey, task_id: str) -> None:
@@ -255,6 +257,7 @@ class Relay:
                     task, phase=TASK_FAILED, updated_at=time.time(),
                     message=f"fingerprint {task.fingerprint!r} no longer exists"))
                 task_log.error("fingerprint %s no longer exists; task failed", task.fingerprint)
+                metrics.task_finished(task_id, task.fingerprint, TASK_FAILED)
                 return
             spec = TaskSpec(task_id=task_id, series=key, instance_uids=series.dispatched_instances,
                             fingerprint=fingerprint)
@@ -265,7 +268,8 @@ class Relay:
                 say=task_log.info,
                 should_stop=self._stop.is_set,
             )
-            runner.run(spec, task)
+            final = runner.run(spec, task)
+            metrics.task_finished(task_id, task.fingerprint, final.phase)
         except Interrupted:
             task_log.info("interrupted by shutdown; resumes at the next start")
         except Exception:

@@ -16,7 +16,7 @@ def run_operator(args) -> int:
 
     from relay.cli_common import setup_logging
 
-    from isdr_operator import handlers
+    from isdr_operator import handlers, observability
     from isdr_operator.kube_api import OperatorApi
     from isdr_operator.peering import Gate, own_identity
     from isdr_operator.runtime import Runtime
@@ -38,6 +38,7 @@ def run_operator(args) -> int:
     else:
         gate = Gate(read_status=lambda: api.get_peering_status(args.peering), identity=identity)
     handlers.RUNTIME = Runtime(api, settings, gate=gate)
+    observability.start(settings.relay, handlers.RUNTIME.storage)  # /metrics; kopf's success lines quiet
     log.info("starting in namespace %s as %s (API %s, %s)", settings.namespace, identity, connection.server,
              "standalone" if args.standalone else f"peering {args.peering}")
     kopf.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from relay import metrics
 from relay.fingerprints.matching import matching_fingerprints
 from relay.kube.publisher import Conflict, NotFound
 from relay.kube.series_resource import LABEL_SERIES, LABEL_TASK, from_rfc3339, series_state, to_rfc3339
@@ -187,11 +188,13 @@ class SeriesDriver:
             if fingerprint_body is None:
                 self._fail_task(body, task.task_id, f"fingerprint {task.fingerprint} was deleted "
                                 "before its Job could be created")
+                metrics.task_finished(task.task_id, task.fingerprint, TASK_FAILED)
                 continue
             job = build_job(task=task, key=state.key, series_name=name, fingerprint_body=fingerprint_body,
                             settings=self.settings.jobs, relay_get_timeout=self.settings.relay.get_timeout)
             if self.api.create_job(job):
                 log.info("series %s: created Job %s", state.key.series_uid, task.task_id)
+                metrics.task_started(task.task_id, task.fingerprint)
 
     def _fail_task(self, body: dict, task_id: str, message: str) -> None:
         tasks = [dict(t) for t in (body.get("status") or {}).get("tasks") or []]
@@ -305,6 +308,8 @@ class SeriesDriver:
 
     def _task_finished(self, body: dict, entry: dict, state) -> None:
         ok = entry["phase"] == TASK_SUCCEEDED
+        metrics.task_finished(entry["taskId"], entry["fingerprint"], entry["phase"],
+                              from_rfc3339(entry.get("startTime")), from_rfc3339(entry.get("completionTime")))
         where = f"Job {entry['job']} ({entry['fingerprint']})"
         if ok:
             self.api.event(body, "TaskSucceeded", f"{where}: predictions delivered")

@@ -16,6 +16,7 @@ from typing import Protocol
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from relay import metrics
 from relay.config import Settings
 from relay.dicom.file_meta import file_header
 from relay.dicom.identity import InstanceIdentity, UndecodableDataset, identify, parse_dataset
@@ -87,6 +88,8 @@ class Receiver:
             NODELAY_HANDLER,
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, lambda _event: metrics.association_accepted()),
+            (evt.EVT_REJECTED, _count_rejection),  # pynetdicom's own rejections (called AE, limit)
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
@@ -131,9 +134,11 @@ class Receiver:
         allowed_addresses = self.settings.allowed_peer_addresses
         if allowed_aes and calling not in allowed_aes:
             log.warning("rejected association from %s at %s: calling AE title not allowed", calling, address)
+            metrics.association_rejected(metrics.REJECT_CALLING_AE_TITLE)
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
         elif allowed_addresses and address not in allowed_addresses:
             log.warning("rejected association from %s at %s: address not allowed", calling, address)
+            metrics.association_rejected(metrics.REJECT_ADDRESS)
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON)
 
     # --- C-STORE ---
@@ -151,6 +156,7 @@ class Receiver:
                 self.stored += 1
             else:
                 self.refused += 1
+                metrics.instance_refused(status)
         return status
 
     def store(self, raw, transfer_syntax, affected_sop_class_uid, affected_sop_instance_uid,
@@ -205,6 +211,11 @@ class Receiver:
             self.sink.association_ended(event.assoc.requestor.ae_title.strip())
         except Exception:
             log.exception("association end handler failed")
+
+
+def _count_rejection(event) -> None:
+    rejection = event.assoc.acceptor.primitive  # the A-ASSOCIATE-RJ pynetdicom sent
+    metrics.association_rejected(metrics.reject_reason(rejection.result_source, rejection.diagnostic))
 
 
 def _drain(server, timeout: float) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("relay.scp")
 _RECEIVER_VARIABLES = tuple(
     name for name in ENV_VARIABLES
     if name.startswith(("SCP_", "S3_")) or name in (
-        "PYNETDICOM_LOG_LEVEL", "LOG_LEVEL", "INCOMING_DIR", "STORAGE", "MIN_FREE_BYTES")
+        "PYNETDICOM_LOG_LEVEL", "LOG_LEVEL", "INCOMING_DIR", "STORAGE", "MIN_FREE_BYTES", "METRICS_PORT")
 )
 
 _EPILOG = """\
@@ -84,6 +84,7 @@ def run(args) -> int:
 def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = None,
           drain_timeout: float = 10.0, flush_timeout: float = 10.0, stop: threading.Event | None = None) -> int:
     """Receive and publish until `stop` is set (by default: until SIGTERM or SIGINT)."""
+    from relay import metrics
     from relay.dicom.receiver import Receiver
     from relay.kube.client import KubeConfigError, connect
     from relay.kube.publisher import KubeSeriesApi, SeriesPublisher
@@ -101,7 +102,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         return 1
     api = KubeSeriesApi(connection.api_client, connection.namespace)
     publisher = SeriesPublisher(api, storage, settings, namespace=connection.namespace)
-    receiver = Receiver(settings, storage, publisher)
+    receiver = Receiver(settings, storage, metrics.CountingSink(publisher))
 
     if stop is None:
         stop = threading.Event()
@@ -123,6 +124,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         return 1
     log.info("publishing DicomSeries to namespace %s at %s as %s", connection.namespace, connection.server,
              publisher.pod_name)
+    endpoint = metrics.serve(settings.metrics_port, [metrics.StorageCollector(storage, settings.min_free_bytes)])
     try:
         _probe(api, connection)  # after the receiver is up: an API that hangs must not delay receiving
         while not stop.wait(1.0):
@@ -131,6 +133,8 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         receiver.stop(drain_timeout)  # no new associations; let running ones finish
         publisher.stop(timeout=flush_timeout)
         connection.close()
+        if endpoint is not None:
+            endpoint.stop()
         log.info("stopped (%d instances stored, %d refused)", receiver.stored, receiver.refused)
     return 0
 

@@ -67,7 +67,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Settings the chart manages itself; `config` must not set them. */}}
 {{- define "isdr.managedSettings" -}}
-SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT_FILE
+SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT_FILE METRICS_PORT
 {{- end -}}
 
 {{/* Fails on combinations of values the schema cannot express. */}}

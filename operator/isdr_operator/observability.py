@@ -1,0 +1,78 @@
+"""What the operator shows of itself: Prometheus metrics, and kopf's logging kept to what matters.
+
+The operator counts tasks where its driver starts and finishes them (relay.metrics calls in
+driver.py); this module adds what is read at scrape time (series and tasks by phase, from the
+DicomSeries watch events kopf delivers anyway; free storage) and serves the endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Iterator
+
+from relay import metrics
+from relay.config import Settings
+from relay.kube.series_resource import GROUP, PLURAL, VERSION
+from relay.lifecycle import RECEIVING
+
+# kopf logs "Handler 'series_event' succeeded." for every watch event of every object and
+# "Activity 'scheduler' succeeded." for every liveness probe, at INFO (kopf/_core/actions/
+# execution.py, through the per-object logger "kopf.objects" and the activity loggers
+# "kopf.activities.<activity>"). These loggers also carry kopf's warnings and errors, which stay.
+KOPF_HANDLER_LOGGERS = ("kopf.objects", "kopf.activities.startup", "kopf.activities.cleanup",
+                        "kopf.activities.authentication", "kopf.activities.probe")
+_SUCCESS = re.compile(r"(Handler|Activity) '[^']*' succeeded\.")
+
+
+class HandlerSuccessFilter(logging.Filter):
+    """Drops kopf's per-handler success lines below WARNING; lets everything else through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _SUCCESS.fullmatch(record.getMessage())
+
+
+def quiet_kopf_successes() -> None:
+    for name in KOPF_HANDLER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HandlerSuccessFilter) for f in logger.filters):
+            logger.addFilter(HandlerSuccessFilter())
+
+
+class SeriesPhases:
+    """The phase of every DicomSeries and of its tasks, as the last watch event showed them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._series: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def observe(self, event_type: str | None, name: str, body: dict) -> None:
+        with self._lock:
+            if event_type == "DELETED":
+                self._series.pop(name, None)
+                return
+            status = body.get("status") or {}
+            tasks = tuple(str(task.get("phase") or "Pending") for task in status.get("tasks") or ())
+            self._series[name] = (str(status.get("phase") or RECEIVING), tasks)
+
+    def snapshot(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        with self._lock:
+            return iter(list(self._series.values()))
+
+
+def start(settings: Settings, storage, kopf_registry=None) -> metrics.MetricsEndpoint | None:
+    """Quiet kopf's success lines, watch series phases and serve /metrics on METRICS_PORT."""
+    import kopf
+
+    quiet_kopf_successes()
+    phases = SeriesPhases()
+
+    async def observe_series(type, name, body, **_) -> None:  # noqa: A002 - kopf's keyword
+        phases.observe(type, name, body)
+
+    kopf.on.event(GROUP, VERSION, PLURAL, id="metrics", registry=kopf_registry)(observe_series)
+    return metrics.serve(settings.metrics_port, [
+        metrics.SeriesCollector(phases.snapshot),
+        metrics.StorageCollector(storage, settings.min_free_bytes),
+    ])
