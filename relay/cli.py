@@ -68,7 +68,8 @@ def _add_operator(subparsers) -> None:
         "operator",
         help="run the Kubernetes operator (Fingerprints, DicomSeries, one Job per inference task)",
         description="Reconcile Fingerprint and DicomSeries resources in one namespace: decide when "
-        "a series is complete, match it, run one Job per match, and report on the resources.",
+        "a series is complete, match it, run one Job per match, and report on the resources. "
+        "Prometheus metrics are served on METRICS_PORT (default 9120; 0 turns them off).",
     )
     parser.add_argument("--namespace", help="namespace to operate in (default: POD_NAMESPACE, "
                         "the kubeconfig's context, or default)")
