@@ -231,6 +231,8 @@ def test_default_render_has_every_component_and_no_cluster_scoped_rbac():
         ("RoleBinding", "isdr-operator"),
         ("RoleBinding", "isdr-receiver"),
         ("Service", "isdr-receiver"),
+        ("Service", "isdr-receiver-metrics"),
+        ("Service", "isdr-operator-metrics"),
         ("ServiceAccount", "isdr-job"),
         ("ServiceAccount", "isdr-operator"),
         ("ServiceAccount", "isdr-receiver"),
@@ -279,7 +281,8 @@ def test_receiver_deployment_and_service():
     deployment = one(docs, "Deployment", "isdr-receiver")
     c = container(deployment)
     assert c["args"] == ["scp"] and "command" not in c
-    assert c["ports"] == [{"name": "dicom", "containerPort": 11112, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "dicom", "containerPort": 11112, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9120, "protocol": "TCP"}]
     assert c["readinessProbe"]["tcpSocket"] == {"port": "dicom"}
     assert c["livenessProbe"]["tcpSocket"] == {"port": "dicom"}
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "isdr-receiver"
@@ -296,11 +299,11 @@ def test_receiver_deployment_and_service():
 
 def test_receiver_service_can_be_a_node_port_or_load_balancer():
     docs = render("receiver.service.type=NodePort", "receiver.service.nodePort=30104")
-    spec = one(docs, "Service")["spec"]
+    spec = one(docs, "Service", "isdr-receiver")["spec"]
     assert spec["type"] == "NodePort" and spec["ports"][0]["nodePort"] == 30104
     docs = render("receiver.service.type=LoadBalancer", "receiver.service.externalTrafficPolicy=Local",
                   "receiver.service.loadBalancerSourceRanges={10.0.0.0/8}")
-    spec = one(docs, "Service")["spec"]
+    spec = one(docs, "Service", "isdr-receiver")["spec"]
     assert spec["type"] == "LoadBalancer" and spec["externalTrafficPolicy"] == "Local"
     assert spec["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
     assert "nodePort" not in spec["ports"][0]
@@ -314,7 +317,8 @@ def test_operator_deployment_environment_contract_for_pvc_storage():
     c = container(deployment)
     assert c["args"] == ["operator", "--namespace=$(POD_NAMESPACE)", "--peering=isdr",
                          "--liveness=http://0.0.0.0:8080/healthz"]
-    assert c["ports"] == [{"name": "health", "containerPort": 8080}]
+    assert c["ports"] == [{"name": "health", "containerPort": 8080},
+                          {"name": "metrics", "containerPort": 9120, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = env_of(c)
     assert set(env) == OPERATOR_ENV_ALWAYS | {"STORAGE_PVC_CLAIM"}
