@@ -38,7 +38,7 @@ def run_operator(args) -> int:
     else:
         gate = Gate(read_status=lambda: api.get_peering_status(args.peering), identity=identity)
     handlers.RUNTIME = Runtime(api, settings, gate=gate)
-    observability.start(settings.relay, handlers.RUNTIME.storage)  # /metrics; kopf's success lines quiet
+    observability.start(settings.relay, handlers.RUNTIME)  # /metrics; kopf's success lines quiet
     log.info("starting in namespace %s as %s (API %s, %s)", settings.namespace, identity, connection.server,
              "standalone" if args.standalone else f"peering {args.peering}")
     kopf.run(

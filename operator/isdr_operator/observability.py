@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from relay import metrics
 from relay.config import Settings
@@ -61,8 +63,36 @@ class SeriesPhases:
             return iter(list(self._series.values()))
 
 
-def start(settings: Settings, storage, kopf_registry=None) -> metrics.MetricsEndpoint | None:
-    """Quiet kopf's success lines, watch series phases and serve /metrics on METRICS_PORT."""
+class ActiveCollector:
+    """isdr_operator_active: 1 while this operator is the active one (kopf peering), else 0."""
+
+    def __init__(self, active: Callable[[], bool]):
+        self.active = active
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("isdr_operator_active",
+                                 "1 while this operator is the active one of its peering, else 0.")
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        family.add_metric([], 1 if self.active() else 0)
+        yield family
+
+
+def while_active(source, active: Callable[[], bool]):
+    """`source`, while `active()`; nothing otherwise."""
+    return lambda: source() if active() else iter(())
+
+
+def start(settings: Settings, runtime, kopf_registry=None) -> metrics.MetricsEndpoint | None:
+    """Quiet kopf's success lines, watch series phases and serve /metrics on METRICS_PORT.
+
+    Series and tasks by phase are reported by the active operator only: a standby one's view
+    may be stale, and two replicas must not count every series twice."""
     import kopf
 
     quiet_kopf_successes()
@@ -73,6 +103,7 @@ def start(settings: Settings, storage, kopf_registry=None) -> metrics.MetricsEnd
 
     kopf.on.event(GROUP, VERSION, PLURAL, id="metrics", registry=kopf_registry)(observe_series)
     return metrics.serve(settings.metrics_port, [
-        metrics.SeriesCollector(phases.snapshot),
-        metrics.StorageCollector(storage, settings.min_free_bytes),
+        ActiveCollector(lambda: runtime.active),
+        metrics.SeriesCollector(while_active(phases.snapshot, lambda: runtime.active)),
+        metrics.StorageCollector(runtime.storage, settings.min_free_bytes),
     ])

@@ -18,7 +18,7 @@ from tests.kube.test_chart import CHART, container, one, render, run_helm
 from tests.support.prometheus import require_promtool
 
 RULE_VALUES = ("metrics.prometheusRule.enabled=true",)
-ALERTS = {"IsdrReceiverDown", "IsdrOperatorDown", "IsdrStorageFull", "IsdrStorageLow", "IsdrInstancesRefused",
+ALERTS = {"IsdrReceiverDown", "IsdrOperatorDown", "IsdrNoActiveOperator", "IsdrStorageFull", "IsdrStorageLow", "IsdrInstancesRefused",
           "IsdrTasksFailing", "IsdrInferenceServerErrors", "IsdrDeliveryErrors", "IsdrPossibleDuplicateSubmit",
           "IsdrAssociationsRejected"}
 
@@ -156,6 +156,7 @@ def alert_tests(rules: dict[str, dict]) -> list[dict]:
                 series("isdr_tasks_finished_total", OPERATOR, "0+1x120", fingerprint="ct", outcome="succeeded"),
                 series("isdr_tasks_finished_total", OPERATOR, "0x120", fingerprint="ct", outcome="failed"),
                 series("isdr_possible_duplicate_submits_total", OPERATOR, "0x120"),
+                series("isdr_operator_active", OPERATOR, "1x120"),
             ],
             "alert_rule_test": [at("100m", name) for name in sorted(ALERTS)],
         },
@@ -179,6 +180,19 @@ def alert_tests(rules: dict[str, dict]) -> list[dict]:
                 at("26m", "IsdrInstancesRefused", firing("IsdrInstancesRefused", {**ns, "status": "A700"})),
                 at("45m", "IsdrInstancesRefused"),  # nothing new for 10 minutes
                 at("21m", "IsdrTasksFailing", firing("IsdrTasksFailing", {**ns, "fingerprint": "ct"}, "1")),
+            ],
+        },
+        {   # Two operators, both standing by: nobody dispatches. One active of two is fine.
+            "interval": "1m",
+            "input_series": [
+                series("isdr_operator_active", OPERATOR, "0x30 1x30"),
+                series("isdr_operator_active", {**OPERATOR, "pod": "o-2"}, "0x60"),
+            ],
+            "alert_rule_test": [
+                at("5m", "IsdrNoActiveOperator"),
+                at("20m", "IsdrNoActiveOperator",
+                   firing("IsdrNoActiveOperator", {**ns, "service": "isdr-operator-metrics"})),
+                at("45m", "IsdrNoActiveOperator"),
             ],
         },
         {   # A receiver pod that cannot be scraped, while another one can, is not "no receiver".
@@ -226,7 +240,8 @@ DASHBOARD = CHART / "dashboards" / "isdr.json"
 
 def exposed_metric_names() -> set[str]:
     """Every sample name the relay's endpoint can show (counters with _total, histograms' parts)."""
-    names = {"isdr_series", "isdr_tasks", "isdr_storage_free_bytes", "isdr_storage_reserve_bytes"}
+    names = {"isdr_series", "isdr_tasks", "isdr_storage_free_bytes", "isdr_storage_reserve_bytes",
+             "isdr_operator_active"}
     for family in metrics.REGISTRY.collect():
         names.add(family.name)
         if family.type == "counter":

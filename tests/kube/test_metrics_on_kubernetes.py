@@ -97,6 +97,7 @@ def test_receiver_and_operator_metrics_tell_a_series_story_and_kopf_stays_quiet(
     assert operator[("isdr_series", (("phase", "Receiving"),))] == 0
     assert operator[("isdr_tasks", (("phase", "Succeeded"),))] == 1
     assert operator[("isdr_storage_free_bytes", ())] > 0
+    assert operator[("isdr_operator_active", ())] == 1
 
     assert r.health()[0] == 200  # a liveness probe: one kopf activity more
     operator_text = scrape(r.operator_metrics)[0]

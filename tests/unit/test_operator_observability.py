@@ -58,3 +58,24 @@ def test_series_phases_follow_the_watch_events():
     phases.observe("DELETED", "c", {})
 
     assert sorted(phases.snapshot()) == [("Receiving", ()), ("Succeeded", ("Succeeded", "Succeeded"))]
+
+
+def test_only_the_active_operator_reports_series_and_says_whether_it_is_active():
+    from isdr_operator.observability import ActiveCollector, while_active
+    from relay import metrics
+
+    phases = SeriesPhases()
+    phases.observe("ADDED", "a", series_body("Dispatched", ("Running",)))
+    state = {"active": False}
+    series = metrics.SeriesCollector(while_active(phases.snapshot, lambda: state["active"]))
+    active = ActiveCollector(lambda: state["active"])
+
+    def samples():
+        return {(s.name, s.labels.get("phase")): s.value
+                for c in (series, active) for f in c.collect() for s in f.samples}
+
+    standby = samples()
+    assert standby[("isdr_operator_active", None)] == 0 and standby[("isdr_series", "Dispatched")] == 0
+    state["active"] = True
+    now_active = samples()
+    assert now_active[("isdr_operator_active", None)] == 1 and now_active[("isdr_series", "Dispatched")] == 1
