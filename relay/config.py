@@ -40,6 +40,18 @@ def _parse_number(name: str, raw: str, kind, minimum=None):
     return value
 
 
+MIN_PDU, MAX_PDU_CEILING = 4096, 16 * 1024 * 1024
+
+
+def _parse_max_pdu(name: str, raw: str) -> int:
+    value = _parse_number(name, raw, int, 0)
+    if value == 0:
+        return MAX_PDU_CEILING
+    if not MIN_PDU <= value <= MAX_PDU_CEILING:
+        raise ConfigError(f"{name}={raw!r}: must be 0 (the ceiling) or {MIN_PDU}-{MAX_PDU_CEILING}")
+    return value
+
+
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.replace(";", ",").split(",") if part.strip())
 
@@ -55,11 +67,26 @@ class Settings:
     # Calling AE titles (and host addresses) allowed to associate; empty means anyone.
     allowed_calling_ae_titles: tuple[str, ...] = ()
     allowed_peer_addresses: tuple[str, ...] = ()
-    max_pdu_size: int = 0  # 0: unlimited, as large as the peer sends (fewer PDUs, faster)
-    # How long pynetdicom's network loop sleeps when an association has nothing to do. Its
-    # default (1 ms) is paid several times per C-STORE; 0.2 ms makes small instances ~30% faster
-    # for ~6% more of a core per open association.
-    scp_poll_interval: float = 0.0002
+    # The longest PDU the receiver accepts (and announces): what one connection can make it
+    # buffer. 128 KiB is what dcmtk's storescu sends at most, and large images arrive fastest.
+    # 0 (the original's "unlimited") means the ceiling, MAX_PDU_CEILING.
+    max_pdu_size: int = 128 * 1024
+    # Seconds a new connection has to send its A-ASSOCIATE-RQ (TLS handshake included).
+    scp_request_timeout: float = 10.0
+    # Seconds an association may stay silent before it is aborted (pynetdicom's was 120).
+    scp_idle_timeout: float = 60.0
+    scp_max_associations: int = 100  # running at once (pynetdicom's fixed limit was 32)
+    scp_max_connections: int = 1000  # open TCP connections, associated or not
+    scp_max_connections_per_address: int = 32  # open TCP connections from one IP address
+    # Private or unknown SOP classes: refused unless allowed (see README, conformance).
+    scp_accept_unknown_sop_classes: bool = False
+    # DICOM TLS: a port of its own (None: no TLS), the server's certificate and key (PEM), and
+    # a CA bundle that client certificates must verify against (None: no client certificate).
+    scp_tls_port: int | None = None
+    scp_tls_cert_file: str | None = None
+    scp_tls_key_file: str | None = None
+    scp_tls_ca_file: str | None = None
+    scp_tls_only: bool = False  # no plain port: every association over TLS
 
     # --- storage ---
     incoming_dir: Path = Path("./isdr-data")  # original image: /opt/app/data/INCOMING
@@ -119,8 +146,18 @@ _ENV = {
     "LOG_LEVEL": ("log_level", lambda n, v: v.strip().upper()),
     "SCP_ALLOWED_AE_TITLES": ("allowed_calling_ae_titles", lambda n, v: _parse_list(v)),
     "SCP_ALLOWED_ADDRESSES": ("allowed_peer_addresses", lambda n, v: _parse_list(v)),
-    "SCP_MAX_PDU": ("max_pdu_size", lambda n, v: _parse_number(n, v, int, 0)),
-    "SCP_POLL_INTERVAL": ("scp_poll_interval", lambda n, v: _parse_number(n, v, float, 0.00005)),
+    "SCP_MAX_PDU": ("max_pdu_size", lambda n, v: _parse_max_pdu(n, v)),
+    "SCP_REQUEST_TIMEOUT": ("scp_request_timeout", lambda n, v: _parse_number(n, v, float, 0.1)),
+    "SCP_IDLE_TIMEOUT": ("scp_idle_timeout", lambda n, v: _parse_number(n, v, float, 0.1)),
+    "SCP_MAX_ASSOCIATIONS": ("scp_max_associations", lambda n, v: _parse_number(n, v, int, 1)),
+    "SCP_MAX_CONNECTIONS": ("scp_max_connections", lambda n, v: _parse_number(n, v, int, 1)),
+    "SCP_MAX_CONNECTIONS_PER_ADDRESS": ("scp_max_connections_per_address", lambda n, v: _parse_number(n, v, int, 1)),
+    "SCP_ACCEPT_UNKNOWN_SOP_CLASSES": ("scp_accept_unknown_sop_classes", _parse_bool),
+    "SCP_TLS_PORT": ("scp_tls_port", lambda n, v: _parse_number(n, v, int, 1) if v.strip() else None),
+    "SCP_TLS_CERT_FILE": ("scp_tls_cert_file", lambda n, v: v.strip() or None),
+    "SCP_TLS_KEY_FILE": ("scp_tls_key_file", lambda n, v: v.strip() or None),
+    "SCP_TLS_CA_FILE": ("scp_tls_ca_file", lambda n, v: v.strip() or None),
+    "SCP_TLS_ONLY": ("scp_tls_only", _parse_bool),
     "INCOMING_DIR": ("incoming_dir", lambda n, v: Path(v)),
     "STORAGE": ("storage", lambda n, v: v.strip().lower()),
     "S3_ENDPOINT_URL": ("s3_endpoint_url", lambda n, v: v.strip() or None),
@@ -195,3 +232,20 @@ def validate(settings: Settings) -> None:
         )
     if settings.cert_file is not None and not Path(settings.cert_file).is_file():
         raise ConfigError(f"CERT_FILE={settings.cert_file!r}: no such file")
+    validate_receiver_tls(settings)
+
+
+def validate_receiver_tls(settings: Settings) -> None:
+    if settings.scp_tls_port is None:
+        if settings.scp_tls_only:
+            raise ConfigError("SCP_TLS_ONLY=true needs SCP_TLS_PORT")
+        return
+    if not 1 <= settings.scp_tls_port <= 65535 or settings.scp_tls_port == settings.scp_port:
+        raise ConfigError(f"SCP_TLS_PORT={settings.scp_tls_port}: must be 1-65535 and differ from SCP_PORT")
+    for name, value in (("SCP_TLS_CERT_FILE", settings.scp_tls_cert_file),
+                        ("SCP_TLS_KEY_FILE", settings.scp_tls_key_file),
+                        ("SCP_TLS_CA_FILE", settings.scp_tls_ca_file)):
+        if value is None and name != "SCP_TLS_CA_FILE":
+            raise ConfigError(f"SCP_TLS_PORT needs {name}")
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{name}={value!r}: no such file")

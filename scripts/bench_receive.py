@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""Receive throughput of `isdr run` next to dcmtk's storescp, measured in the same run.
+"""Receive throughput of the relay next to dcmtk's storescp, measured in the same run.
 
-Two workloads, each sent by dcmtk's storescu over loopback in one association:
-  * a 300-instance 512x512 CT series (about 150 MiB)
+Workloads, each sent by dcmtk's storescu (TCP_NODELAY=1) over loopback:
+  * 300 CT instances of 512x512 (about 150 MiB)
   * 2000 small instances
+each over 1 association and over 4 (the files split in four, four storescu at once).
 Receivers, each started fresh for every round:
-  * storescp        dcmtk's own SCP (the reference)
-  * bare-pynetdicom a pynetdicom handler that only writes event.encoded_dataset() to a file
-  * isdr-run        the relay (validates, fsyncs before answering, registers the series)
-Prints instances per second (median of --rounds) and the ratios to storescp and to the bare
-pynetdicom handler.
+  * storescp         dcmtk's SCP, the reference on 1 association (it does not fsync)
+  * storescp-fork    storescp --fork, one process per association: the reference on 4
+  * bare-pynetdicom  a pynetdicom handler that only writes event.encoded_dataset() to a file
+  * isdr-run         the relay in one process (validates, fsyncs each file and its folder
+                     entry before answering, registers the series)
+  * isdr-scp         the Kubernetes receiver, its publishing pointed at an API server that is
+                     not there (instances are stored and queued for publishing)
+Prints, per workload and association count, the median of --rounds of instances per second, the
+ratio to the reference, the receiver's CPU seconds per instance (its own and its children's) and
+its peak RSS; and first the disk's fsync latency, which bounds every receiver that fsyncs.
 
-    python scripts/bench_receive.py [--rounds 3] [--data benchmark-data]
+    python scripts/bench_receive.py [--rounds 3] [--data benchmark-data] [--associations 1,4]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from tests.support.processes import find_dcmtk  # noqa: E402
 
 STORESCU = find_dcmtk("storescu") or "storescu"
 STORESCP = find_dcmtk("storescp") or "storescp"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 BARE_PYNETDICOM = textwrap.dedent("""
     import sys, uuid
@@ -45,10 +52,20 @@ BARE_PYNETDICOM = textwrap.dedent("""
         with open(out / uuid.uuid4().hex, "wb") as f:
             f.write(event.encoded_dataset())
         return 0
-    ae = AE(ae_title="BARE")
+    ae = AE(ae_title="BENCH")
+    ae.maximum_associations = 16
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, handle)])
+""")
+
+NOWHERE_KUBECONFIG = textwrap.dedent("""
+    apiVersion: v1
+    kind: Config
+    clusters: [{name: nowhere, cluster: {server: "https://127.0.0.1:{port}", insecure-skip-tls-verify: true}}]
+    users: [{name: nobody, user: {token: none}}]
+    contexts: [{name: nowhere, context: {cluster: nowhere, user: nobody, namespace: bench}}]
+    current-context: nowhere
 """)
 
 
@@ -75,47 +92,87 @@ def dcmtk_env() -> dict:
 
 def start_receiver(kind: str, port: int, out: Path) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "storescp":
-        args, env = [STORESCP, "-aet", "BENCH", "--output-directory", str(out), str(port)], dcmtk_env()
+    relay_env = {**os.environ, "SCP_PORT": str(port), "SCP_HOSTNAME": "127.0.0.1", "SCP_AE_TITLE": "BENCH",
+                 "INCOMING_DIR": str(out / "data"), "LOG_LEVEL": "WARNING"}
+    if kind in ("storescp", "storescp-fork"):
+        fork = ["--fork"] if kind == "storescp-fork" else []
+        args, env = [STORESCP, *fork, "-aet", "BENCH", "--output-directory", str(out), str(port)], dcmtk_env()
     elif kind == "bare-pynetdicom":
         args, env = [sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out)], dict(os.environ)
-    else:
+    elif kind == "isdr-run":
         fingerprints = out / "fingerprints"
         fingerprints.mkdir()
-        env = {**os.environ, "SCP_PORT": str(port), "SCP_HOSTNAME": "127.0.0.1", "SCP_AE_TITLE": "BENCH",
-               "INCOMING_DIR": str(out / "data"), "FINGERPRINT_DIR": str(fingerprints),
-               "POST_AFTER": "3600", "LOG_LEVEL": "WARNING"}
+        env = {**relay_env, "FINGERPRINT_DIR": str(fingerprints), "POST_AFTER": "3600"}
         args = [sys.executable, "-m", "relay.cli", "run"]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               cwd=ROOT)
+    elif kind == "isdr-scp":
+        kubeconfig = out / "kubeconfig"
+        kubeconfig.write_text(NOWHERE_KUBECONFIG.replace("{port}", str(free_port())))
+        env = {**relay_env, "KUBECONFIG": str(kubeconfig), "POD_NAME": "bench"}
+        args = [sys.executable, "-m", "relay.cli", "scp", "--drain-timeout", "0", "--flush-timeout", "0"]
+    else:
+        raise ValueError(kind)
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     wait_for_port(port)
     return process
 
 
-def send(port: int, folder: Path, called_ae: str) -> float:
+def send(port: int, folders: list[Path]) -> float:
+    """Send each folder over its own association, all at once; seconds until the last is done."""
     started = time.perf_counter()
-    result = subprocess.run([STORESCU, "-aet", "SENDER", "-aec", called_ae, "+sd", "+r",
-                             "127.0.0.1", str(port), str(folder)],
-                            env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    senders = [subprocess.Popen([STORESCU, "-aet", "SENDER", "-aec", "BENCH", "+sd", "+r", "127.0.0.1", str(port),
+                                 str(folder)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for folder in folders]
+    outputs = [sender.communicate()[0] for sender in senders]
     elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu failed: {result.stdout[-2000:]}")
+    for sender, output in zip(senders, outputs):
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {output[-2000:]}")
     return elapsed
 
 
-def measure(kind: str, folder: Path, count: int, rounds: int) -> float:
-    rates = []
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process and of its children that it waited for (storescp --fork)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(kind: str, folders: list[Path], count: int, rounds: int) -> dict[str, float]:
+    rates, cpu, rss = [], [], []
     for _ in range(rounds):
-        with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-", dir=ROOT) as tmp:
             port = free_port()
             process = start_receiver(kind, port, Path(tmp))
             try:
-                called = "BARE" if kind == "bare-pynetdicom" else "BENCH"
-                rates.append(count / send(port, folder, called))
+                cpu_before = cpu_seconds(process.pid)
+                rates.append(count / send(port, folders))
+                time.sleep(0.2)  # let storescp --fork reap its children, so their CPU is counted
+                cpu.append((cpu_seconds(process.pid) - cpu_before) / count)
+                rss.append(peak_rss(process.pid))
             finally:
                 process.terminate()
-                process.wait(timeout=20)
-    return statistics.median(rates)
+                process.wait(timeout=30)
+    return {"rate": statistics.median(rates), "cpu": statistics.median(cpu), "rss": statistics.median(rss)}
+
+
+def split(folder: Path, parts: int) -> list[Path]:
+    """The workload's files in `parts` sub-folders (made once, as links), one per association."""
+    if parts == 1:
+        return [folder]
+    target = folder.parent / f"{folder.name}-in-{parts}"
+    if not target.exists():
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        for index, path in enumerate(files):
+            part = target / f"part{index % parts}"
+            part.mkdir(parents=True, exist_ok=True)
+            os.link(path, part / path.name)
+    return sorted(p for p in target.iterdir() if p.is_dir())
 
 
 def prepare(data: Path) -> dict[str, tuple[Path, int]]:
@@ -129,27 +186,51 @@ def prepare(data: Path) -> dict[str, tuple[Path, int]]:
     return {"300 CT 512x512": (ct, 300), "2000 small": (small, 2000)}
 
 
-def ratio(rate: float, reference: float | None) -> str:
-    return f"{rate / reference:.2f}" if reference else "-"
+def fsync_latency(folder: Path, size: int, count: int) -> float:
+    """Seconds to create, write and fsync one file of `size` bytes, on the disk under `folder`."""
+    data = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="bench-fsync-", dir=folder) as tmp:
+        started = time.perf_counter()
+        for index in range(count):
+            fd = os.open(os.path.join(tmp, str(index)), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+        return (time.perf_counter() - started) / count
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver and workload (median)")
     parser.add_argument("--data", type=Path, default=ROOT / "benchmark-data", help="where the test files are kept")
-    parser.add_argument("--receivers", default="storescp,bare-pynetdicom,isdr-run")
+    parser.add_argument("--receivers", default="storescp,storescp-fork,bare-pynetdicom,isdr-run,isdr-scp")
+    parser.add_argument("--associations", default="1,4", help="association counts to measure")
+    parser.add_argument("--workloads", default="ct,small", help="ct, small or both")
     args = parser.parse_args()
     if find_dcmtk("storescu") is None:
         print("dcmtk is not installed (make system-deps)", file=sys.stderr)
         return 2
     receivers = args.receivers.split(",")
-    print(f"{'workload':<16} {'receiver':<16} {'inst/s':>8} {'vs storescp':>11} {'vs bare':>8}")
-    for name, (folder, count) in prepare(args.data).items():
-        rates: dict[str, float] = {}
-        for kind in receivers:
-            rate = rates[kind] = measure(kind, folder, count, args.rounds)
-            print(f"{name:<16} {kind:<16} {rate:8.1f} {ratio(rate, rates.get('storescp')):>11} "
-                  f"{ratio(rate, rates.get('bare-pynetdicom')):>8}", flush=True)
+    workloads = {name: value for name, value in prepare(args.data).items()
+                 if ("ct" if "CT" in name else "small") in args.workloads.split(",")}
+    print(f"disk under {ROOT}: create+write+fsync of a 513 KB file {fsync_latency(ROOT, 525_000, 100) * 1000:.2f} ms, "
+          f"of a 9 KB file {fsync_latency(ROOT, 9_000, 200) * 1000:.2f} ms")
+    print(f"{'workload':<16} {'assoc':>5} {'receiver':<16} {'inst/s':>8} {'ratio':>6} {'CPU ms/inst':>11} "
+          f"{'peak RSS MiB':>12}")
+    for name, (folder, count) in workloads.items():
+        for associations in (int(a) for a in args.associations.split(",")):
+            folders = split(folder, associations)
+            reference_kind = "storescp" if associations == 1 else "storescp-fork"
+            reference = None
+            for kind in receivers:
+                if kind in ("storescp", "storescp-fork") and kind != reference_kind:
+                    continue
+                result = measure(kind, folders, count, args.rounds)
+                if kind == reference_kind:
+                    reference = result["rate"]
+                ratio = f"{result['rate'] / reference:.2f}" if reference else "-"
+                print(f"{name:<16} {associations:>5} {kind:<16} {result['rate']:8.1f} {ratio:>6} "
+                      f"{result['cpu'] * 1000:11.2f} {result['rss'] / 2**20:12.0f}", flush=True)
     return 0
 
 

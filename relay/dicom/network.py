@@ -22,17 +22,6 @@ def _set_nodelay(event) -> None:
 NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
 
 
-def set_poll_interval(association, seconds: float) -> None:
-    """How long the association's DUL thread sleeps when it finds nothing to do.
-
-    pynetdicom polls its socket and queues; the sleep (1 ms by default, `_run_loop_delay`, which
-    its maintainers describe as the knob trading idle CPU for latency) is paid several times per
-    C-STORE. Left alone if a pynetdicom release no longer has it."""
-    dul = getattr(association, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = seconds
-
-
 def configure_pynetdicom_logging(level: str) -> None:
     """PYNETDICOM_LOG_LEVEL as in the original relay: none, normal or debug."""
     logger = logging.getLogger("pynetdicom")

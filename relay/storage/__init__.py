@@ -1,6 +1,6 @@
 """Where instances and state live: a local directory or an S3-compatible bucket."""
 
-from relay.storage.base import ObjectInfo, Storage, StorageError, StorageFull
+from relay.storage.base import ObjectInfo, Storage, StorageError, StorageFull, Upload
 
 
 def open_storage(settings) -> Storage:
@@ -13,10 +13,11 @@ def open_storage(settings) -> Storage:
             prefix=settings.s3_prefix,
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            spool_dir=settings.incoming_dir / ".tmp-spool",
         )
     from relay.storage.local import LocalStorage
 
     return LocalStorage(settings.incoming_dir, min_free_bytes=settings.min_free_bytes)
 
 
-__all__ = ["ObjectInfo", "Storage", "StorageError", "StorageFull", "open_storage"]
+__all__ = ["ObjectInfo", "Storage", "StorageError", "StorageFull", "Upload", "open_storage"]

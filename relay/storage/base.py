@@ -43,8 +43,30 @@ def check_key(key: str) -> str:
     return key
 
 
+class Upload(abc.ABC):
+    """An object written piece by piece as its bytes arrive (a C-STORE dataset, fragment by
+    fragment), whose key is given only at the end: it is nowhere under any key until `commit`
+    returns, and then it survives a crash. Not thread-safe: one writer."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self, key: str) -> None:
+        """Make what was written durable under `key` (replacing an object already there)."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Forget what was written; safe to call after commit or twice."""
+
+
 class Storage(abc.ABC):
-    """Durable key/value objects. `put` returns only once the object survives a crash."""
+    """Durable key/value objects. `put` and `Upload.commit` return only once the object survives
+    a crash."""
+
+    @abc.abstractmethod
+    def open_upload(self) -> Upload:
+        """Start writing an object whose key is known only once it is complete."""
 
     @abc.abstractmethod
     def put(self, key: str, chunks: Chunks) -> None: ...

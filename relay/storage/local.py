@@ -1,8 +1,10 @@
 """Storage in a local (or shared, ReadWriteMany) directory.
 
-Every put is written to a temporary file in the target folder, fsynced, renamed into place and
-the folder fsynced: a crash leaves either the old object or the new one, never half of one, and
-an acknowledged object survives power loss.
+Every object is written to a temporary file under the root, fsynced, renamed into place and its
+folder fsynced: a crash leaves either the old object or the new one, never half of one, and an
+acknowledged object survives power loss. Concurrent writers into one folder share the folder's
+fsync (group commit): a writer waits for a folder fsync that started after its rename, which is
+one fsync for several instances when several associations store into one series at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, check_key
+from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, Upload, check_key
 
 _TMP_PREFIX = ".tmp-"
 
@@ -28,6 +30,7 @@ class LocalStorage(Storage):
         # Folders known to exist and to have been fsynced into their parent.
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        self._folder_syncs = _GroupCommit()
 
     def describe(self) -> str:
         return f"local directory {self.root}"
@@ -59,40 +62,37 @@ class LocalStorage(Storage):
                 _fsync_dir(created.parent)
             self._known_dirs.add(folder)
 
-    def put(self, key: str, chunks: Chunks) -> None:
-        # The folder is checked once (in _ensure_dir), not per file: the file itself is renamed
-        # into place, which replaces a symlink there rather than following it.
-        path = self.root / check_key(key)
+    def open_upload(self) -> "LocalUpload":
         if self.min_free_bytes:
             free = self.free_bytes()
             if free is not None and free < self.min_free_bytes:
                 raise StorageFull(f"only {free} bytes free in {self.root}")
-        self._ensure_dir(path.parent)
-        tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        return LocalUpload(self)
+
+    def put(self, key: str, chunks: Chunks) -> None:
+        upload = self.open_upload()
         try:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            except FileNotFoundError:
-                # The folder was removed since we made it (a cleanup of an empty series).
-                self._known_dirs.discard(path.parent)
-                self._ensure_dir(path.parent)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                os.fdatasync(fd)  # the data and what is needed to read it back; not the mtime
-            finally:
-                os.close(fd)
+            for chunk in chunks:
+                upload.write(chunk)
+            upload.commit(key)
+        finally:
+            upload.discard()
+
+    def _place(self, tmp: Path, key: str) -> None:
+        """Rename a complete, fsynced temporary file to `key` and make the folder entry durable.
+
+        The folder is checked once (in _ensure_dir), not per file: the file itself is renamed
+        into place, which replaces a symlink there rather than following it."""
+        path = self.root / check_key(key)
+        self._ensure_dir(path.parent)
+        try:
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(f"no space left writing {key}: {exc}") from exc
-            raise StorageError(f"could not write {key}: {exc}") from exc
+        except FileNotFoundError:
+            # The folder was removed since we made it (a cleanup of an empty series).
+            self._known_dirs.discard(path.parent)
+            self._ensure_dir(path.parent)
+            os.replace(tmp, path)
+        self._folder_syncs.sync_after_rename(path.parent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -175,6 +175,84 @@ class LocalStorage(Storage):
                     _unlink_quietly(Path(folder) / name)
                     removed += 1
         return removed
+
+
+class LocalUpload(Upload):
+    """A temporary file in the storage root, renamed to its key once complete (same file system,
+    so the rename is atomic); `clean_temporary_files` removes what a crash left behind."""
+
+    def __init__(self, storage: LocalStorage):
+        self._storage = storage
+        self._tmp: Path | None = storage.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _storage_error(exc, "could not create a temporary file") from exc
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.discard()
+            raise _storage_error(exc, "could not write") from exc
+
+    def commit(self, key: str) -> None:
+        if self._tmp is None:
+            raise StorageError(f"upload for {key} was discarded")
+        try:
+            os.fdatasync(self._fd)  # the data and what is needed to read it back; not the mtime
+            os.close(self._fd)
+            self._fd = -1
+            self._storage._place(self._tmp, key)
+            self._tmp = None
+        except OSError as exc:
+            self.discard()
+            raise _storage_error(exc, f"could not write {key}") from exc
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            _unlink_quietly(self._tmp)
+            self._tmp = None
+
+
+class _GroupCommit:
+    """Folder fsyncs shared by concurrent writers.
+
+    A writer takes a ticket after its rename, then holds the folder's lock: if an fsync that
+    started after its ticket was issued has finished meanwhile, its entry is already durable;
+    otherwise it fsyncs, covering every ticket issued so far."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders: dict[Path, list] = {}  # folder -> [lock, last ticket issued, last ticket synced]
+
+    def sync_after_rename(self, folder: Path) -> None:
+        with self._lock:
+            state = self._folders.get(folder)
+            if state is None:
+                if len(self._folders) > 4096:
+                    self._folders.clear()  # forget idle folders; a new entry is simply re-created
+                state = self._folders[folder] = [threading.Lock(), 0, 0]
+            state[1] += 1
+            ticket = state[1]
+        with state[0]:
+            if state[2] >= ticket:
+                return
+            with self._lock:
+                covered = state[1]
+            _fsync_dir(folder)
+            state[2] = covered
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left: {what}: {exc}")
+    return StorageError(f"{what}: {exc}")
 
 
 def _fsync_dir(folder: Path) -> None:

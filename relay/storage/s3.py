@@ -7,6 +7,7 @@ AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -14,15 +15,20 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, check_key
+from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, Upload, check_key
 
 _DELETE_BATCH = 1000  # the S3 API's limit for DeleteObjects
+# An upload is kept in memory up to this size, then spooled to a file under `spool_dir`, and sent
+# with boto3's managed transfer (multipart above its threshold) once complete.
+SPOOL_IN_MEMORY = 8 * 1024 * 1024
 
 
 class S3Storage(Storage):
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, client=None):
+                 region: str | None = None, client=None, spool_dir: Path | None = None):
         self.bucket = bucket
+        # Where uploads larger than SPOOL_IN_MEMORY wait for their end (never a shared /tmp).
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
         self.client = client or boto3.client(
@@ -51,6 +57,20 @@ class S3Storage(Storage):
             raise StorageError(f"S3 PUT {key} failed: {code or exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 PUT {key} failed: {exc}") from exc
+
+    def open_upload(self) -> "S3Upload":
+        return S3Upload(self)
+
+    def _upload_file(self, key: str, handle) -> None:
+        try:
+            self.client.upload_fileobj(handle, self.bucket, self._full(key))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("QuotaExceeded", "EntityTooLarge", "XMinioStorageFull"):
+                raise StorageFull(f"S3 refused {key}: {code}") from exc
+            raise StorageError(f"S3 upload {key} failed: {code or exc}") from exc
+        except (BotoCoreError, Exception) as exc:  # boto3's transfer manager wraps errors freely
+            raise StorageError(f"S3 upload {key} failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         try:
@@ -124,3 +144,33 @@ class S3Storage(Storage):
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+
+class S3Upload(Upload):
+    def __init__(self, storage: S3Storage):
+        self._storage = storage
+        spool = storage.spool_dir
+        if spool is not None:
+            spool.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=spool, prefix=".tmp-spool-")
+
+    def write(self, data) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"could not spool an upload: {exc}") from exc
+
+    def commit(self, key: str) -> None:
+        if self._file is None:
+            raise StorageError(f"upload for {key} was discarded")
+        self._file.seek(0)
+        try:
+            self._storage._upload_file(key, self._file)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

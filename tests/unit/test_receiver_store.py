@@ -1,4 +1,4 @@
-"""Receiver.store(): validation and statuses, on encoded bytes as pynetdicom hands them over."""
+"""Receiver.store(): validation and statuses, on the encoded bytes of a C-STORE dataset."""
 
 import pydicom
 import pytest
@@ -10,7 +10,8 @@ from pydicom.filewriter import write_dataset
 from relay.config import load_settings
 from relay.dicom import receiver as rx
 from relay.storage.base import StorageError, StorageFull
-from relay.storage.local import LocalStorage
+from relay.dicom.store import IncomingInstance
+from relay.storage.local import LocalStorage, LocalUpload
 from isdr_devtools.synthetic import write_ct_series
 
 IMPLICIT = "1.2.840.10008.1.2"
@@ -131,12 +132,28 @@ def test_sop_class_and_instance_must_agree_with_the_request(setup):
 
 @pytest.mark.parametrize("error, status", [(StorageFull("full"), rx.OUT_OF_RESOURCES),
                                            (StorageError("broken"), rx.PROCESSING_FAILURE)])
-def test_storage_failures_are_failure_statuses_and_nothing_is_registered(setup, error, status):
+@pytest.mark.parametrize("when", ["opening", "committing"])
+def test_storage_failures_are_failure_statuses_and_nothing_is_registered(setup, monkeypatch, error, status, when):
     ds, receiver, sink, root = setup
 
-    def fail(key, chunks):
+    def fail(*args):
         raise error
 
-    receiver.storage.put = fail
+    if when == "opening":
+        monkeypatch.setattr(receiver.storage, "open_upload", fail)
+    else:
+        monkeypatch.setattr(LocalUpload, "commit", fail)
     assert store(receiver, ds) == status
     assert not sink.instances
+    assert not [p for p in root.rglob("*") if p.is_file()]  # no temporary file left behind
+
+
+def test_a_dataset_fed_in_small_fragments_is_stored_as_one(setup):
+    ds, receiver, sink, root = setup
+    raw = encoded(ds)
+    instance = IncomingInstance(receiver.storage, IMPLICIT, str(ds.SOPClassUID), str(ds.SOPInstanceUID), "CT1")
+    for start in range(0, len(raw), 7):  # every header cut somewhere
+        instance.write(raw[start:start + 7])
+    status, stored = instance.finish()
+    assert status == rx.SUCCESS and stored.identity.attributes.modality == "CT"
+    assert list(root.rglob("*.dcm"))[0].read_bytes().endswith(raw)

@@ -40,21 +40,19 @@ def test_settings_use_the_original_relays_names_and_defaults():
     assert settings.allowed_calling_ae_titles == ("CT1", "MR2")
 
 
-def test_the_receivers_poll_interval_reaches_each_association():
-    from types import SimpleNamespace
+def test_receiver_limits_have_defaults_and_max_pdu_0_means_the_ceiling():
+    settings = load_settings({})
+    assert settings.max_pdu_size == 128 * 1024
+    assert (settings.scp_request_timeout, settings.scp_idle_timeout) == (10.0, 60.0)
+    assert (settings.scp_max_associations, settings.scp_max_connections_per_address) == (100, 32)
+    assert load_settings({"SCP_MAX_PDU": "0"}).max_pdu_size == 16 * 1024 * 1024
 
-    from pynetdicom import AE
-    from pynetdicom.association import Association
 
-    from relay.dicom.network import set_poll_interval
-
-    assert load_settings({}).scp_poll_interval == 0.0002
-    assert load_settings({"SCP_POLL_INTERVAL": "0.001"}).scp_poll_interval == 0.001
-    association = Association(AE(), "acceptor")  # the installed pynetdicom still has the knob
-    assert association.dul._run_loop_delay == 0.001
-    set_poll_interval(association, 0.0002)
-    assert association.dul._run_loop_delay == 0.0002
-    set_poll_interval(SimpleNamespace(dul=SimpleNamespace()), 0.0002)  # a pynetdicom without the knob
+def test_receiver_tls_needs_a_port_a_certificate_and_a_key(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x"), key.write_text("x")
+    settings = load_settings({"SCP_TLS_PORT": "2762", "SCP_TLS_CERT_FILE": str(cert), "SCP_TLS_KEY_FILE": str(key)})
+    assert settings.scp_tls_port == 2762 and settings.scp_tls_ca_file is None and not settings.scp_tls_only
 
 
 @pytest.mark.parametrize("env, message", [
@@ -65,7 +63,12 @@ def test_the_receivers_poll_interval_reaches_each_association():
     ({"STORAGE": "s3"}, "S3_BUCKET"),
     ({"LATE_INSTANCE_POLICY": "drop"}, "LATE_INSTANCE_POLICY"),
     ({"CERT_FILE": "/nonexistent/ca.pem"}, "CERT_FILE"),
-    ({"SCP_POLL_INTERVAL": "0"}, "SCP_POLL_INTERVAL"),  # a busy loop would eat a core per association
+    ({"SCP_MAX_PDU": "100"}, "SCP_MAX_PDU"),
+    ({"SCP_MAX_PDU": str(64 * 1024 * 1024)}, "SCP_MAX_PDU"),  # more than one connection may make us buffer
+    ({"SCP_TLS_ONLY": "true"}, "SCP_TLS_PORT"),
+    ({"SCP_TLS_PORT": "2762"}, "SCP_TLS_CERT_FILE"),
+    ({"SCP_TLS_PORT": "11112"}, "SCP_TLS_PORT"),  # the plain port's
+    ({"SCP_MAX_ASSOCIATIONS": "0"}, "SCP_MAX_ASSOCIATIONS"),
 ])
 def test_bad_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
