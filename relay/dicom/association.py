@@ -17,6 +17,7 @@ from relay.dicom.dimse import (C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, COMMAND_LIMIT
 from relay.dicom.pdu import (A_ABORT, A_RELEASE_RQ, ABORT_BY_PROVIDER, P_DATA_TF, PDU_NAMES, UNEXPECTED_PDU,
                              PduError, PduReader, a_abort, a_release_rp, p_data, pdvs)
 from relay.dicom.store import IncomingInstance, StoredInstance
+from relay.storage.base import StorageError, Upload
 
 log = logging.getLogger("relay.receiver")
 _COMMAND, _LAST = 0x01, 0x02
@@ -42,6 +43,9 @@ class Association:
         self._request: Command | None = None  # the request whose dataset is arriving
         self._instance: IncomingInstance | None = None
         self._dataset_context = 0
+        # The next instance's upload, opened while the sender prepares it: creating a file costs
+        # as much as receiving a small instance, and need not be on the path the sender waits on.
+        self._spare: Upload | None = None
 
     def run(self) -> str:
         """Serve until the association ends; returns how it ended (released, or the reason it was
@@ -62,6 +66,8 @@ class Association:
         finally:
             if self._instance is not None:
                 self._instance.discard()  # an instance cut off by the end of the association
+            if self._spare is not None:
+                self._spare.discard()
 
     def abort(self, reason: int) -> None:
         try:
@@ -93,9 +99,10 @@ class Association:
                 instance, self._instance = self._instance, None
                 status, stored = instance.finish()
                 self._on_stored(status, stored, self.calling_ae_title)
+                self._respond(context_id, request, status)
+                self._open_spare()
             else:
-                status = UNRECOGNIZED_OPERATION
-            self._respond(context_id, request, status)
+                self._respond(context_id, request, UNRECOGNIZED_OPERATION)
 
     def _handle_command(self, context: ContextResult, data: bytes) -> None:
         try:
@@ -107,8 +114,9 @@ class Association:
             self._respond(context.context_id, request, 0x0000, VERIFICATION)
         elif field == C_STORE_RQ and request.has_dataset:
             self._request, self._dataset_context = request, context.context_id
+            spare, self._spare = self._spare, None
             self._instance = IncomingInstance(self._storage, context.transfer_syntax, request.affected_sop_class_uid,
-                                              request.affected_sop_instance_uid, self.calling_ae_title)
+                                              request.affected_sop_instance_uid, self.calling_ae_title, spare)
         elif field == C_CANCEL_RQ:
             return  # nothing of ours runs long enough to be cancelled; C-CANCEL has no response
         else:
@@ -118,6 +126,12 @@ class Association:
                 self._request, self._dataset_context = request, context.context_id  # read and dropped
             else:
                 self._respond(context.context_id, request, UNRECOGNIZED_OPERATION)
+
+    def _open_spare(self) -> None:
+        try:
+            self._spare = self._storage.open_upload()
+        except StorageError:
+            self._spare = None  # the next instance opens its own, and answers the failure
 
     def _respond(self, context_id: int, request: Command, status: int, sop_class_uid: str | None = None) -> None:
         self._sock.sendall(p_data(context_id, _COMMAND | _LAST, encode_response(request, status, sop_class_uid)))

@@ -42,7 +42,7 @@ class IncomingInstance:
     """Fed the dataset's fragments in order; `finish` returns (status, StoredInstance or None)."""
 
     def __init__(self, storage: Storage, transfer_syntax: str, affected_sop_class_uid: str,
-                 affected_sop_instance_uid: str, calling_ae_title: str):
+                 affected_sop_instance_uid: str, calling_ae_title: str, upload: Upload | None = None):
         self._peer = calling_ae_title or "?"
         self._affected = (affected_sop_class_uid, affected_sop_instance_uid)
         self._walker = DatasetWalker(encoding_of(transfer_syntax), IDENTITY_TAGS)
@@ -53,10 +53,12 @@ class IncomingInstance:
             require_uid("SOPClassUID", affected_sop_class_uid)
             require_uid("SOPInstanceUID", affected_sop_instance_uid)
         except InvalidUID:
+            if upload is not None:
+                upload.discard()
             return  # the dataset decides which status (its UIDs are checked first); nothing is written
         header = file_header(affected_sop_class_uid, affected_sop_instance_uid, transfer_syntax, calling_ae_title)
         try:
-            self._upload = storage.open_upload()
+            self._upload = upload or storage.open_upload()
             self._upload.write(header)
             self.size = len(header)
         except StorageError as exc:
