@@ -150,8 +150,11 @@ class S3Upload(Upload):
     def __init__(self, storage: S3Storage):
         self._storage = storage
         spool = storage.spool_dir
-        if spool is not None:
-            spool.mkdir(parents=True, exist_ok=True)
+        try:
+            if spool is not None:
+                spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot make the spool folder {spool} for uploads: {exc}") from exc
         self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=spool, prefix=".tmp-spool-")
 
     def write(self, data) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from isdr_devtools.synthetic import write_ct_series
@@ -20,6 +23,29 @@ def test_s3_storage_round_trip(bucket, tmp_path):
     assert not bucket.exists("series/1.2/1.3/1.4.dcm")
     with pytest.raises(KeyError):
         bucket.get("series/1.2/1.3/1.4.dcm")
+
+
+def test_a_streamed_upload_larger_than_memory_spools_under_the_storage_root_and_lands_whole(bucket, tmp_path):
+    bucket.spool_dir = tmp_path / "spool"
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    upload = bucket.open_upload()
+    for _ in range(12):  # past the 8 MiB kept in memory: spooled to a file, sent in parts
+        upload.write(chunk)
+    # Spooled to an unnamed file (O_TMPFILE) in the spool folder, not in a shared /tmp.
+    spooled = Path(os.readlink(f"/proc/self/fd/{upload._file.fileno()}"))
+    assert spooled.parent == bucket.spool_dir
+    assert not bucket.exists("series/1.2/1.3/1.5.dcm")  # nothing under the key before commit
+    upload.commit("series/1.2/1.3/1.5.dcm")
+    assert bucket.get("series/1.2/1.3/1.5.dcm") == chunk * 12
+    assert list(bucket.spool_dir.iterdir()) == []
+
+
+def test_a_discarded_upload_leaves_nothing(bucket, tmp_path):
+    bucket.spool_dir = tmp_path / "spool"
+    upload = bucket.open_upload()
+    upload.write(b"partial")
+    upload.discard()
+    assert list(bucket.list("")) == []
 
 
 def test_relay_end_to_end_with_s3_storage(tmp_path, bucket, s3_server, emulator, pacs, relays):
