@@ -31,6 +31,9 @@ ACCEPTANCE = 0
 USER_REJECTION = 1
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+CONTEXT_RESULTS = {ACCEPTANCE: "acceptance", USER_REJECTION: "user rejection",
+                   ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax not supported",
+                   TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntaxes not supported"}
 
 
 def _standard_storage_classes() -> frozenset[str]:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from relay.config import Settings
 from relay.dicom.identity import InstanceIdentity
+from relay.dicom.network import configure_pynetdicom_logging
 from relay.dicom.server import Hooks, Server
 from relay.dicom.store import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, INVALID_UID,  # noqa: F401
                                OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, UNDECODABLE, IncomingInstance,
@@ -77,6 +78,7 @@ class Receiver:
     # --- life cycle ---
 
     def start(self) -> None:
+        configure_pynetdicom_logging(self.settings.pynetdicom_log_level)  # the sender still uses pynetdicom
         self._server = Server(self.settings, self.storage,
                               Hooks(self._stored, self._association_ended, self.counters.add))
         self._server.start()

@@ -24,7 +24,7 @@ from relay.dicom.acse import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZE
                               NO_REASON, REJECTED_PERMANENT, REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION,
                               SERVICE_USER, AssociationRequest, decode_request, encode_accept)
 from relay.dicom.association import Association, AssociationEnded
-from relay.dicom.conformance import negotiate
+from relay.dicom.conformance import CONTEXT_RESULTS, negotiate
 from relay.dicom.pdu import (A_ASSOCIATE_RQ, ABORT_BY_PROVIDER, PDU_NAMES, REASON_NOT_SPECIFIED, UNEXPECTED_PDU,
                              PduError, PduReader, PeerClosed, a_abort, a_associate_rj)
 from relay.dicom.tls import peer_subject, server_context
@@ -223,15 +223,17 @@ class Server:
     # --- association ----------------------------------------------------------------------
 
     def _rejection(self, request: AssociationRequest, peer: str):
+        """(result, source, reason, counter key, log text) when the request is not accepted."""
         settings = self.settings
         if request.called_ae_title != settings.scp_ae_title:
-            return (REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED,
+            return (REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED, "called AE title",
                     f"called AE title {request.called_ae_title!r} is not {settings.scp_ae_title!r}")
         if settings.allowed_calling_ae_titles and request.calling_ae_title not in settings.allowed_calling_ae_titles:
-            return (REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED,
+            return (REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED, "SCP_ALLOWED_AE_TITLES",
                     "calling AE title not allowed (SCP_ALLOWED_AE_TITLES)")
         if settings.allowed_peer_addresses and peer not in settings.allowed_peer_addresses:
-            return (REJECTED_PERMANENT, SERVICE_USER, NO_REASON, "address not allowed (SCP_ALLOWED_ADDRESSES)")
+            return (REJECTED_PERMANENT, SERVICE_USER, NO_REASON, "SCP_ALLOWED_ADDRESSES",
+                    "address not allowed (SCP_ALLOWED_ADDRESSES)")
         return None
 
     def _associate(self, sock, reader: PduReader, peer: str, request: AssociationRequest, subject) -> None:
@@ -240,8 +242,8 @@ class Server:
         with self._lock:
             if rejection is None and len(self._associations) >= self.settings.scp_max_associations:
                 rejection = (REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED,
-                             f"{len(self._associations)} associations are running, the limit "
-                             "(SCP_MAX_ASSOCIATIONS)")
+                             "SCP_MAX_ASSOCIATIONS", f"{len(self._associations)} associations are running, the "
+                             "limit (SCP_MAX_ASSOCIATIONS)")
             association = None
             if rejection is None and not self._stopping:
                 results = negotiate(request.contexts, self.settings.scp_accept_unknown_sop_classes)
@@ -249,10 +251,11 @@ class Server:
                                           self.settings.max_pdu_size, self.storage, self.hooks.on_stored)
                 self._associations.add(association)
         if rejection is not None or association is None:
-            result, source, reason, text = rejection or (REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION,
-                                                         LOCAL_LIMIT_EXCEEDED, "the relay is stopping")
+            result, source, reason, key, text = rejection or (
+                REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED, "stopping",
+                "the relay is stopping")
             log.warning("rejected association from %s at %s: %s", calling, peer, text)
-            self.hooks.count("associations_rejected", text.split("(")[-1].rstrip(")") if "(" in text else text)
+            self.hooks.count("associations_rejected", key)
             _send_quietly(sock, a_associate_rj(result, source, reason))
             return
         try:
@@ -260,7 +263,7 @@ class Server:
                 if not result.accepted:
                     log.warning("refused presentation context %d from %s at %s: %s: %s", result.context_id,
                                 calling, peer, result.abstract_syntax[:64], result.reason)
-                    self.hooks.count("contexts_refused", result.abstract_syntax[:64])
+                    self.hooks.count("contexts_refused", CONTEXT_RESULTS.get(result.result, str(result.result)))
             sock.sendall(encode_accept(request, results, self.settings.max_pdu_size))
             self.hooks.count("associations_accepted", "tls" if subject is not None or self._is_tls(sock) else "plain")
             if self._is_tls(sock):

@@ -20,6 +20,9 @@ from typing import Iterable, Iterator
 from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, Upload, check_key
 
 _TMP_PREFIX = ".tmp-"
+# An upload still being written checks the free space again every this many bytes, so that one
+# endless instance cannot eat the MIN_FREE_BYTES reserve.
+_FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 
 
 class LocalStorage(Storage):
@@ -63,11 +66,14 @@ class LocalStorage(Storage):
             self._known_dirs.add(folder)
 
     def open_upload(self) -> "LocalUpload":
+        self.check_free_space()
+        return LocalUpload(self)
+
+    def check_free_space(self) -> None:
         if self.min_free_bytes:
             free = self.free_bytes()
             if free is not None and free < self.min_free_bytes:
                 raise StorageFull(f"only {free} bytes free in {self.root}")
-        return LocalUpload(self)
 
     def put(self, key: str, chunks: Chunks) -> None:
         upload = self.open_upload()
@@ -183,6 +189,7 @@ class LocalUpload(Upload):
 
     def __init__(self, storage: LocalStorage):
         self._storage = storage
+        self._unchecked = 0  # bytes written since free space was last checked
         self._tmp: Path | None = storage.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -191,6 +198,14 @@ class LocalUpload(Upload):
 
     def write(self, data) -> None:
         view = memoryview(data)
+        self._unchecked += len(view)
+        if self._unchecked >= _FREE_SPACE_CHECK_EVERY:
+            self._unchecked = 0
+            try:
+                self._storage.check_free_space()
+            except StorageFull:
+                self.discard()
+                raise
         try:
             while view:
                 view = view[os.write(self._fd, view):]

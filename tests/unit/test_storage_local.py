@@ -76,3 +76,37 @@ def test_temporary_files_of_a_crash_are_invisible_and_cleaned(tmp_path):
     (tmp_path / "series/1/2/.tmp-deadbeef").write_bytes(b"half")
     assert [i.key for i in storage.list("series/")] == ["series/1/2/3.dcm"]
     assert storage.clean_temporary_files() == 1
+
+
+def test_an_upload_that_eats_into_the_free_space_reserve_is_stopped_and_removed(tmp_path, monkeypatch):
+    from relay.storage import local
+
+    storage = local.LocalStorage(tmp_path, min_free_bytes=1000)
+    free = iter([10_000, 500])  # enough when it starts, below the reserve halfway
+    monkeypatch.setattr(storage, "free_bytes", lambda: next(free))
+    monkeypatch.setattr(local, "_FREE_SPACE_CHECK_EVERY", 4)
+    upload = storage.open_upload()
+    with pytest.raises(local.StorageFull):
+        upload.write(b"12345")
+    assert [p for p in tmp_path.iterdir()] == []
+
+
+def test_concurrent_uploads_into_one_folder_all_land(tmp_path):
+    import threading
+
+    from relay.storage.local import LocalStorage
+
+    storage = LocalStorage(tmp_path)
+
+    def put(index):
+        upload = storage.open_upload()
+        upload.write(b"x" * index)
+        upload.commit(f"series/1.2/1.3/{index}.dcm")
+
+    threads = [threading.Thread(target=put, args=(index,)) for index in range(1, 17)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(storage.get(f"series/1.2/1.3/{i}.dcm") for i in range(1, 17)) == sorted(b"x" * i for i in range(1, 17))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
