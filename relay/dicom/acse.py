@@ -57,8 +57,9 @@ def decode_request(body: memoryview) -> AssociationRequest:
 
 
 def _ae(value) -> str:
+    """An AE title as the peer sent it, printable ASCII only (it goes into the log)."""
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
-    return text.strip()
+    return "".join(c if " " <= c <= "~" else "?" for c in text).strip()
 
 
 def encode_accept(request: AssociationRequest, results: list[ContextResult], max_pdu: int) -> bytes:

@@ -191,6 +191,9 @@ class Server:
             return
         except PeerClosed:
             return
+        except OSError as exc:  # a reset, a TLS record error
+            log.warning("connection from %s failed before an association: %s", peer, exc)
+            return
         except PduError as exc:
             log.warning("connection from %s aborted before an association: %s", peer, exc)
             self.hooks.count("connections_refused", "protocol error")
@@ -265,7 +268,7 @@ class Server:
                                 calling, peer, result.abstract_syntax[:64], result.reason)
                     self.hooks.count("contexts_refused", CONTEXT_RESULTS.get(result.result, str(result.result)))
             sock.sendall(encode_accept(request, results, self.settings.max_pdu_size))
-            self.hooks.count("associations_accepted", "tls" if subject is not None or self._is_tls(sock) else "plain")
+            self.hooks.count("associations_accepted", "tls" if self._is_tls(sock) else "plain")
             if self._is_tls(sock):
                 log.info("TLS association from %s at %s, client certificate %s", calling, peer,
                          subject or "(none requested)")
