@@ -15,7 +15,9 @@ Receivers, each started fresh for every round:
                      not there (instances are stored and queued for publishing)
 Prints, per workload and association count, the median of --rounds of instances per second, the
 ratio to the reference, the receiver's CPU seconds per instance (its own and its children's) and
-its peak RSS; and first the disk's fsync latency, which bounds every receiver that fsyncs.
+its peak RSS; and first the disk's fsync latency and the relay's durable put, which bound every
+receiver that makes each instance durable before answering: on one association the line
+"(fsync ceiling)" is the reference's rate slowed by one durable put per instance.
 
     python scripts/bench_receive.py [--rounds 3] [--data benchmark-data] [--associations 1,4]
 """
@@ -199,6 +201,21 @@ def fsync_latency(folder: Path, size: int, count: int) -> float:
         return (time.perf_counter() - started) / count
 
 
+def durable_put_latency(folder: Path, size: int, count: int) -> float:
+    """Seconds per object the relay's local storage takes to make `size` bytes durable under a new
+    key (temporary file, fdatasync, rename, folder fsync): what every acknowledged instance costs
+    on top of receiving it, on one association."""
+    from relay.storage.local import LocalStorage
+
+    data = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="bench-put-", dir=folder) as tmp:
+        storage = LocalStorage(Path(tmp))
+        started = time.perf_counter()
+        for index in range(count):
+            storage.put(f"series/1.2.3/1.2.4/{index}.dcm", (data,))
+        return (time.perf_counter() - started) / count
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver and workload (median)")
@@ -213,8 +230,12 @@ def main() -> int:
     receivers = args.receivers.split(",")
     workloads = {name: value for name, value in prepare(args.data).items()
                  if ("ct" if "CT" in name else "small") in args.workloads.split(",")}
+    put_seconds = {"300 CT 512x512": durable_put_latency(ROOT, 525_000, 100),
+                   "2000 small": durable_put_latency(ROOT, 9_000, 200)}
     print(f"disk under {ROOT}: create+write+fsync of a 513 KB file {fsync_latency(ROOT, 525_000, 100) * 1000:.2f} ms, "
-          f"of a 9 KB file {fsync_latency(ROOT, 9_000, 200) * 1000:.2f} ms")
+          f"of a 9 KB file {fsync_latency(ROOT, 9_000, 200) * 1000:.2f} ms; the relay's durable put (fdatasync, "
+          f"rename, folder fsync) {put_seconds['300 CT 512x512'] * 1000:.2f} ms and "
+          f"{put_seconds['2000 small'] * 1000:.2f} ms")
     print(f"{'workload':<16} {'assoc':>5} {'receiver':<16} {'inst/s':>8} {'ratio':>6} {'CPU ms/inst':>11} "
           f"{'peak RSS MiB':>12}")
     for name, (folder, count) in workloads.items():
@@ -231,6 +252,12 @@ def main() -> int:
                 ratio = f"{result['rate'] / reference:.2f}" if reference else "-"
                 print(f"{name:<16} {associations:>5} {kind:<16} {result['rate']:8.1f} {ratio:>6} "
                       f"{result['cpu'] * 1000:11.2f} {result['rss'] / 2**20:12.0f}", flush=True)
+                if kind == reference_kind and associations == 1:
+                    # The reference's time per instance plus one durable put, with nothing else:
+                    # the most that any receiver that is durable per instance can do here.
+                    ceiling = 1 / (1 / reference + put_seconds[name])
+                    print(f"{name:<16} {associations:>5} {'(fsync ceiling)':<16} {ceiling:8.1f} "
+                          f"{ceiling / reference:6.2f}", flush=True)
     return 0
 
 
