@@ -136,10 +136,35 @@ def test_a_pdu_claiming_4_gb_is_aborted_before_its_body_is_buffered(relays, when
 
 
 def test_a_scanner_keeps_storing_while_a_greedy_peer_is_cut_off(tmp_path, relays, dcmtk):
-    relay = relays(env={"SCP_MAX_PDU": "16384"}).start()
+    relay = relays(env={"SCP_MAX_PDU": "16384", "POST_AFTER": "3600"}).start()
     with connect(relay.port, source="127.0.9.2") as sock:
         send_claim(sock, struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0), 8 * MiB)
     series = write_ct_series(tmp_path / "ct", count=3, rows=64, cols=64)
     result = storescu(relay.port, series)
     assert result.returncode == 0, result.stdout
     wait_until(lambda: len(relay.stored_instances()) == 3, what="3 stored")
+
+
+def test_the_address_allow_list_rejects_other_addresses(relays, dcmtk):
+    relay = relays(env={"SCP_ALLOWED_ADDRESSES": "127.0.0.1"}).start()
+    with connect(relay.port, source="127.0.10.2") as sock:
+        sock.sendall(associate_rq(calling="ELSEWHERE"))
+        pdu_type, body = read_pdu(sock)
+    assert pdu_type == A_ASSOCIATE_RJ and body[1] == 1  # rejected-permanent
+    relay.wait_for_log(r"WARNING .*rejected association from ELSEWHERE at 127\.0\.10\.2: address not allowed")
+    assert echoscu(relay.port).returncode == 0
+
+
+def test_the_maximum_pdu_announced_is_the_setting_and_large_instances_arrive_in_such_pdus(tmp_path, relays, dcmtk):
+    from pynetdicom import AE
+
+    relay = relays(env={"SCP_MAX_PDU": "16384", "POST_AFTER": "3600"}).start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", relay.port, ae_title=relay.ae_title)
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 16384
+    assoc.release()
+    series = write_ct_series(tmp_path / "ct", count=2, rows=256, cols=256)  # 128 KiB each: 8+ PDUs
+    assert storescu(relay.port, series).returncode == 0
+    wait_until(lambda: len(relay.stored_instances()) == 2, what="2 stored")
