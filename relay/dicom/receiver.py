@@ -19,11 +19,15 @@ from relay.config import Settings
 from relay.dicom.identity import InstanceIdentity
 from relay.dicom.network import configure_pynetdicom_logging
 from relay.dicom.server import Hooks, Server
-from relay.dicom.store import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, INVALID_UID,  # noqa: F401
+from relay.dicom.store import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, INVALID_UID,
                                OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, UNDECODABLE, IncomingInstance,
                                StoredInstance)
 from relay.storage.base import Storage
 
+__all__ = ["Receiver", "ReceivedInstance", "InstanceSink", "ReceiverCounters",
+           # the C-STORE statuses the receiver answers (README, "C-STORE answers")
+           "SUCCESS", "OUT_OF_RESOURCES", "DATASET_DOES_NOT_MATCH_SOP_CLASS", "CANNOT_UNDERSTAND", "UNDECODABLE",
+           "INVALID_UID", "PROCESSING_FAILURE"]
 log = logging.getLogger("relay.receiver")
 
 

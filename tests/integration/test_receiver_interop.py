@@ -5,13 +5,14 @@ corpus from dcmtk's storescu, and Orthanc as a sender. Every test runs `isdr run
 from __future__ import annotations
 
 import hashlib
-import os
+import io
+import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom._uid_dict import UID_dictionary
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid)
@@ -22,8 +23,6 @@ from tests.support.dicom_peers import StoreSCP, echoscu, storescu
 from tests.support.orthanc import OrthancProcess
 from tests.support.processes import dcmtk_env, require_dcmtk, wait_until
 from tests.support.raw_dicom import memory_of
-
-import subprocess
 
 MiB = 1024 * 1024
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -40,7 +39,6 @@ def standard_storage_sop_classes() -> list[str]:
 def dataset_bytes(path_or_bytes) -> bytes:
     """The dataset of a DICOM file as encoded on disk, without preamble and file meta."""
     data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, (str, Path)) else path_or_bytes
-    import io
     handle = io.BytesIO(data)
     read_preamble(handle, False)
     _read_file_meta_info(handle)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from isdr_devtools.synthetic import write_ct_series
-from tests.support.dicom_peers import echoscu, storescu
+from tests.support.dicom_peers import echoscu
 from tests.support.processes import dcmtk_env, free_port, require_dcmtk, wait_until
 from tests.support.raw_dicom import associate_rq, closed_by_peer, connect
 from tests.support.tls_certs import CertificateAuthority
