@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -284,6 +285,32 @@ def test_pydicoms_real_world_files_are_stored_byte_identical_in_their_own_transf
     assert failures == [], "\n".join(failures)
     # Several of pydicom's files are one instance in several syntaxes: the last one sent replaced them.
     assert len(relay.stored_instances()) == len({stored_path(relay, path) for path in files})
+
+
+def test_pynetdicoms_storescu_sends_each_file_in_its_own_syntax_and_it_is_stored_as_the_file_holds_it(relays):
+    """pynetdicom's storescu app with --required-contexts proposes each file's own transfer syntax
+    only, and sends the dataset as pydicom re-encodes it: identical to the file's, except for the
+    deflated one (pydicom deflates anew), which must still decode to the same elements."""
+    relay = relays(env=KEEP_SERIES).start()
+    failures = []
+    for name in CORPUS:
+        path = PYDICOM_FILES / name
+        result = subprocess.run([sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(relay.port),
+                                 str(path), "-aet", "PYNETDICOM", "-aec", "ISDR", "--required-contexts"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        stored, original = stored_path(relay, path), pydicom.dcmread(path)
+        if not stored.exists():
+            failures.append(f"{name}: not stored: {result.stdout[-300:]}")
+            continue
+        received = pydicom.dcmread(stored)
+        if received.file_meta.TransferSyntaxUID != original.file_meta.TransferSyntaxUID:
+            failures.append(f"{name}: stored under {received.file_meta.TransferSyntaxUID}")
+        elif original.file_meta.TransferSyntaxUID.is_deflated:
+            if received != original:
+                failures.append(f"{name}: the deflated dataset decodes to other elements")
+        elif dataset_bytes(stored) != dataset_bytes(path):
+            failures.append(f"{name}: stored bytes differ from the file's")
+    assert failures == [], "\n".join(failures)
 
 
 # --- Orthanc as a sender ----------------------------------------------------------------------
