@@ -21,7 +21,7 @@ from pynetdicom import AE
 
 from isdr_devtools.synthetic import write_ct_series, write_instance
 from tests.support.dicom_peers import StoreSCP, echoscu, storescu
-from tests.support.orthanc import OrthancProcess
+from tests.support.orthanc import Orthanc
 from tests.support.processes import dcmtk_env, require_dcmtk, wait_until
 from tests.support.raw_dicom import memory_of
 
@@ -318,8 +318,7 @@ def test_pynetdicoms_storescu_sends_each_file_in_its_own_syntax_and_it_is_stored
 @pytest.fixture
 def orthanc_sender(tmp_path, relays):
     relay = relays(env=KEEP_SERIES).start()
-    orthanc = OrthancProcess(tmp_path / "orthanc", modalities={"relay": ("ISDR", "127.0.0.1", relay.port)})
-    orthanc.start()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"relay": ("ISDR", "127.0.0.1", relay.port)}).start()
     yield orthanc, relay
     orthanc.stop()
 
@@ -330,7 +329,7 @@ def test_orthanc_sends_a_series_and_the_relay_stores_it_as_orthanc_holds_it(tmp_
     jpeg = PYDICOM_FILES / "SC_rgb_jpeg_dcmtk.dcm"
     ids = {path: orthanc.upload(path) for path in [*series, jpeg]}
 
-    answer = orthanc.send_to("relay", list(ids.values()))
+    answer = orthanc.store_to("relay", list(ids.values()))
 
     assert answer.get("FailedInstancesCount", 0) == 0, answer
     for path, instance_id in ids.items():

@@ -12,7 +12,7 @@ from isdr_devtools.synthetic import write_ct_series
 from tests.support.dicom_peers import echoscu
 from tests.support.processes import dcmtk_env, free_port, require_dcmtk, wait_until
 from tests.support.raw_dicom import associate_rq, closed_by_peer, connect
-from tests.support.tls_certs import CertificateAuthority
+from tests.support.certificates import CertificateAuthority
 
 
 @pytest.fixture
@@ -20,17 +20,17 @@ def pki(tmp_path):
     hospital = CertificateAuthority(tmp_path / "pki", "Hospital DICOM CA")
     stranger = CertificateAuthority(tmp_path / "pki-other", "Someone else's CA")
     return {
-        "ca": hospital.cert,
+        "ca": hospital.certificate,
         "server": hospital.issue("isdr.relay.test", server=True),
-        "scanner": hospital.issue("CT scanner 3", server=False, organization="Radiology"),
-        "intruder": stranger.issue("CT scanner 3", server=False, organization="Radiology"),
+        "scanner": hospital.issue("CT scanner 3", client=True),
+        "intruder": stranger.issue("CT scanner 3", client=True),
     }
 
 
 def tls_relay(relays, pki, mutual=True, only=False):
     env = {
         "SCP_TLS_PORT": str(free_port()),
-        "SCP_TLS_CERT_FILE": str(pki["server"].cert),
+        "SCP_TLS_CERT_FILE": str(pki["server"].certificate),
         "SCP_TLS_KEY_FILE": str(pki["server"].key),
         "POST_AFTER": "3600",  # no fingerprint: keep what was stored until the test looked
     }
@@ -47,7 +47,7 @@ def tls_relay(relays, pki, mutual=True, only=False):
 
 def dcmtk_tls(program: str, port: int, pki, client: str | None, *extra) -> subprocess.CompletedProcess:
     binary = require_dcmtk(program)
-    identity = ["+tls", str(pki[client].key), str(pki[client].cert)] if client else ["+tla"]
+    identity = ["+tls", str(pki[client].key), str(pki[client].certificate)] if client else ["+tla"]
     args = [binary, "-aet", "SCANNER", "-aec", "ISDR", *identity, "+cf", str(pki["ca"]), "127.0.0.1", str(port),
             *extra]
     return subprocess.run(args, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
