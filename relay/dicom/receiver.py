@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay import metrics
 from relay.config import Settings
 from relay.dicom.identity import InstanceIdentity
 from relay.dicom.network import configure_pynetdicom_logging
@@ -48,8 +49,11 @@ class InstanceSink(Protocol):
 
 
 class ReceiverCounters:
-    """What the receiver did since it started, for logs now and metrics later. Each counter is a
-    Counter keyed by a short reason (a status, a setting's name), never by a peer or patient."""
+    """What the receiver did since it started, in this process (tests, logs). Each counter is a
+    Counter keyed by a short reason from a closed set (a status, a rejection reason, a context
+    result), never by anything a peer sent. The Prometheus metrics (relay.metrics) report the
+    same events: associations accepted and rejected and instances refused from here, instances
+    stored through metrics.CountingSink."""
 
     NAMES = ("stored", "refused", "bytes", "associations_accepted", "associations_rejected",
              "associations_aborted", "connections_refused", "contexts_refused")
@@ -83,8 +87,7 @@ class Receiver:
 
     def start(self) -> None:
         configure_pynetdicom_logging(self.settings.pynetdicom_log_level)  # the sender still uses pynetdicom
-        self._server = Server(self.settings, self.storage,
-                              Hooks(self._stored, self._association_ended, self.counters.add))
+        self._server = Server(self.settings, self.storage, Hooks(self._stored, self._association_ended, self._count))
         self._server.start()
         ports = ", ".join(f"{kind} {port}" for kind, port in self._server.ports.items())
         log.info("receiving as %s on %s (%s) into %s", self.settings.scp_ae_title, self.settings.scp_hostname,
@@ -130,9 +133,18 @@ class Receiver:
         self._stored(status, stored, calling_ae_title)
         return status
 
+    def _count(self, name: str, key: str = "", amount: int = 1) -> None:
+        """A counter of ours, and the Prometheus metric that reports it (relay.metrics)."""
+        self.counters.add(name, key, amount)
+        if name == "associations_accepted":
+            metrics.association_accepted()
+        elif name == "associations_rejected":
+            metrics.association_rejected(key)
+
     def _stored(self, status: int, stored: StoredInstance | None, calling_ae_title: str) -> None:
         if status != SUCCESS or stored is None:
             self.counters.add("refused", f"{status:#06x}")
+            metrics.instance_refused(status)  # stored instances are counted by metrics.CountingSink
             return
         self.counters.add("stored")
         self.counters.add("bytes", amount=stored.size)

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from relay import metrics
 from relay.config import Settings
 from relay.dicom.acse import (CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED, LOCAL_LIMIT_EXCEEDED,
                               NO_REASON, REJECTED_PERMANENT, REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION,
@@ -226,16 +227,17 @@ class Server:
     # --- association ----------------------------------------------------------------------
 
     def _rejection(self, request: AssociationRequest, peer: str):
-        """(result, source, reason, counter key, log text) when the request is not accepted."""
+        """(result, source, reason, counter key: one of metrics.REJECT_REASONS, log text) when the
+        request is not accepted."""
         settings = self.settings
         if request.called_ae_title != settings.scp_ae_title:
-            return (REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED, "called AE title",
+            return (REJECTED_PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED, metrics.REJECT_CALLED_AE_TITLE,
                     f"called AE title {request.called_ae_title!r} is not {settings.scp_ae_title!r}")
         if settings.allowed_calling_ae_titles and request.calling_ae_title not in settings.allowed_calling_ae_titles:
-            return (REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED, "SCP_ALLOWED_AE_TITLES",
+            return (REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED, metrics.REJECT_CALLING_AE_TITLE,
                     "calling AE title not allowed (SCP_ALLOWED_AE_TITLES)")
         if settings.allowed_peer_addresses and peer not in settings.allowed_peer_addresses:
-            return (REJECTED_PERMANENT, SERVICE_USER, NO_REASON, "SCP_ALLOWED_ADDRESSES",
+            return (REJECTED_PERMANENT, SERVICE_USER, NO_REASON, metrics.REJECT_ADDRESS,
                     "address not allowed (SCP_ALLOWED_ADDRESSES)")
         return None
 
@@ -245,7 +247,7 @@ class Server:
         with self._lock:
             if rejection is None and len(self._associations) >= self.settings.scp_max_associations:
                 rejection = (REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED,
-                             "SCP_MAX_ASSOCIATIONS", f"{len(self._associations)} associations are running, the "
+                             metrics.REJECT_ASSOCIATION_LIMIT, f"{len(self._associations)} associations are running, the "
                              "limit (SCP_MAX_ASSOCIATIONS)")
             association = None
             if rejection is None and not self._stopping:
@@ -255,7 +257,7 @@ class Server:
                 self._associations.add(association)
         if rejection is not None or association is None:
             result, source, reason, key, text = rejection or (
-                REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED, "stopping",
+                REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED, metrics.REJECT_OTHER,
                 "the relay is stopping")
             log.warning("rejected association from %s at %s: %s", calling, peer, text)
             self.hooks.count("associations_rejected", key)
