@@ -176,6 +176,42 @@ class KubeREST:
         self.session.close()
 
 
+def list_and_watch(rest: KubeREST, watch_rest: KubeREST, path: str, handle, stopping, listed=None,
+                   what: str = "watch") -> None:
+    """List `path`, then watch it, until `stopping` (a threading.Event) is set, as informers do.
+
+    handle(event_type, object) gets every object as ADDED after each listing, then the watch's
+    ADDED, MODIFIED and DELETED events; listed(uids) gets the uids present after each listing (to
+    forget what vanished while not watching). A failed or expired (410 Gone) watch lists again."""
+    import logging
+
+    log = logging.getLogger("node-agent")
+    resource_version = None
+    while not stopping.is_set():
+        try:
+            if resource_version is None:
+                listing = rest.get(path)
+                resource_version = listing["metadata"]["resourceVersion"]
+                for item in listing["items"]:
+                    handle("ADDED", item)
+                if listed is not None:
+                    listed({item["metadata"]["uid"] for item in listing["items"]})
+            for event in watch_rest.watch(path, resource_version, timeout_seconds=60, stop=stopping):
+                kind, obj = event.get("type"), event.get("object", {})
+                if kind == "ERROR":
+                    resource_version = None  # e.g. 410 Gone: list again
+                    break
+                resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    handle(kind, obj)
+        except Exception as exc:  # noqa: BLE001
+            if stopping.is_set():
+                return
+            log.warning("%s of %s failed (listing again): %r", what, path, exc)
+            resource_version = None
+            stopping.wait(1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # kubeconfig files
 

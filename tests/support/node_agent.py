@@ -27,7 +27,14 @@ What a container gets:
     does not see its mountPath: every occurrence of a mountPath at a path boundary in its
     command, args, env values and workingDir is rewritten to the local folder (subPath honoured);
   * its output (stdout and stderr) in <pod dir>/logs/<container>/<restartCount>.log (see pod_log()),
-    and its pid in <pod dir>/<container>.pid while it runs (see pod_pids()).
+    and its pid in <pod dir>/<container>.pid while it runs (see pod_pids());
+  * a network of its own, as far as a process on the host's network can have one
+    (tests/support/pod_network.py): each declared containerPort is a free host port (env values
+    and args naming it are rewritten; pod_port() says where), each Service an address of its own
+    forwarding to Ready pods (service_address()), and the pod's own /etc/hosts in which Service
+    names resolve, with the pod's name as hostname;
+  * kubelet's startup, readiness and liveness probes (tests/support/probes.py): Ready follows the
+    readinessProbe, a failed liveness probe restarts the container, failures are Events.
 restartPolicy Never, OnFailure and Always are honoured (restarts back off from --restart-backoff
 seconds, doubling, like kubelet's 10s); init containers run in order first.
 
@@ -39,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ctypes
 import json
 import logging
 import math
@@ -56,12 +62,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.support.pod_network import (
+    Endpoint,
+    HostsFiles,
+    PodPorts,
+    ServiceProxy,
+    isolation_supported,
+    pod_port as _pod_port,
+    sandbox_preexec,
+    selects,
+    service_address as _service_address,
+)
+from tests.support.probes import ContainerProber
 from tests.support.kube import (
     K8S_VERSION,
     REPO_ROOT,
     KubeError,
     KubeREST,
     kubeconfig_cluster,
+    list_and_watch,
     now_rfc3339,
     write_kubeconfig,
 )
@@ -141,6 +160,22 @@ def pvc_path(claim_name: str, namespace: str, pvc_dir) -> Path:
     return Path(pvc_dir) / namespace / claim_name
 
 
+def pod_port(namespace: str, pod_name: str, port: int | str, work_dir=None) -> int:
+    """The host port (on 127.0.0.1) that stands for the pod's container port `port` (number or
+    name): what reaching the pod's IP at that port is on a cluster."""
+    return _pod_port(pod_dir(namespace, pod_name, work_dir), port)
+
+
+def service_address(namespace: str, name: str, work_dir=None) -> str:
+    """The loopback address that stands for the Service's cluster IP (at the Service's ports)."""
+    return _service_address(_work_dir(work_dir), namespace, name)
+
+
+def service_names_resolve(work_dir=None) -> bool:
+    """Whether pods of this agent resolve Service names (they get their own /etc/hosts)."""
+    return bool(json.loads((_work_dir(work_dir) / "agent.json").read_text()).get("service_names"))
+
+
 # --------------------------------------------------------------------------------------------------
 # helpers
 
@@ -171,16 +206,6 @@ def image_entrypoint(dockerfile: Path) -> list[str]:
 
 class ConfigError(Exception):
     """Something a container needs is missing (kubelet: CreateContainerConfigError); retried."""
-
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_prctl = getattr(_libc, "prctl", None)
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def expand_vars(text: str, env: dict[str, str]) -> str:
@@ -254,6 +279,7 @@ class ContainerRun:
         self.done = False  # terminated and not to be restarted
         self.pending_exit = False  # could not start: to be handled as an exit
         self.exit_code: int | None = None
+        self.prober: ContainerProber | None = None
 
     @property
     def running(self) -> bool:
@@ -265,8 +291,8 @@ class ContainerRun:
             "image": self.image or "none",
             "imageID": "",
             "restartCount": self.restarts,
-            "ready": "running" in self.state,
-            "started": "running" in self.state,
+            "ready": "running" in self.state and (self.prober is None or self.prober.ready),
+            "started": "running" in self.state and (self.prober is None or self.prober.started),
             "state": self.state,
         }
         if self.container_id:
@@ -301,11 +327,29 @@ class PodRunner(threading.Thread):
         self.volume_paths: dict[str, Path] = {}
         self.sandbox_ready = False
         self._objects: dict[tuple[str, str], dict | None] = {}
+        # The pod's network: host ports for its container ports, its hosts file (pod_network.py).
+        self.ports = PodPorts(self.inits_and_mains_specs())
+        self.hosts_file = self.dir / "etc-hosts"
+        self.hostname = (self.spec.get("hostname") or self.name)[:63]
+        self.probe_changed = threading.Event()
+        self._events: dict[tuple[str, str, str], tuple[str, int]] = {}
         self.update(pod)
 
     @property
     def path(self) -> str:
         return f"/api/v1/namespaces/{self.namespace}/pods/{self.name}"
+
+    def inits_and_mains_specs(self) -> list[dict]:
+        return list(self.spec.get("initContainers") or []) + list(self.spec.get("containers") or [])
+
+    def endpoint(self, selector: dict, include_not_ready: bool) -> Endpoint | None:
+        """This pod as an endpoint of a Service with `selector`, if it is one (Running, Ready)."""
+        labels = self.pod["metadata"].get("labels") or {}
+        if not selects(selector, labels) or self.deleting.is_set() or self.phase != "Running":
+            return None
+        if not include_not_ready and not all(c.status()["ready"] for c in self.mains):
+            return None
+        return Endpoint(self.name, self.ports)
 
     def update(self, pod: dict) -> None:
         self.pod = pod
@@ -334,14 +378,14 @@ class PodRunner(threading.Thread):
             return
         terminal = self.phase in ("Succeeded", "Failed")
         inits_done = all(c.done and c.exit_code == 0 or c.sidecar and "running" in c.state for c in self.inits)
-        all_running = bool(self.mains) and all("running" in c.state for c in self.mains)
+        all_ready = bool(self.mains) and all(c.status()["ready"] for c in self.mains)
         self._condition("PodScheduled", True)
         self._condition("PodReadyToStartContainers", self.sandbox_ready)
         self._condition("Initialized", inits_done or terminal and not self.inits,
                         None if inits_done else "ContainersNotInitialized")
-        ready_reason = "PodCompleted" if terminal else (None if all_running else "ContainersNotReady")
-        self._condition("ContainersReady", all_running and not terminal, ready_reason)
-        self._condition("Ready", all_running and not terminal, ready_reason)
+        ready_reason = "PodCompleted" if terminal else (None if all_ready else "ContainersNotReady")
+        self._condition("ContainersReady", all_ready and not terminal, ready_reason)
+        self._condition("Ready", all_ready and not terminal, ready_reason)
         status: dict[str, Any] = {
             "phase": self.phase,
             "conditions": list(self.conditions.values()),
@@ -549,6 +593,8 @@ class PodRunner(threading.Thread):
             self.kubeconfig = write_kubeconfig(self.dir / "kubeconfig", server, ca, token=self._token(),
                                                user=f"system:serviceaccount:{self.namespace}:{account}")
         self.volume_paths = paths
+        self.ports.save(self.dir / "ports.json")
+        self.agent.hosts_files.add(self.hosts_file, self.namespace, self.hostname, self.spec.get("hostAliases"))
         self.sandbox_ready = True
 
     # --- processes -------------------------------------------------------------------------
@@ -601,10 +647,10 @@ class PodRunner(threading.Thread):
         env["HOSTNAME"] = self.name
         if self.kubeconfig is not None:
             env["KUBECONFIG"] = str(self.kubeconfig)
-        env.update({k: rewrite(v) for k, v in pod_env.items()})
+        env.update({k: self.ports.rewrite(rewrite(v)) for k, v in pod_env.items()})
         # Kubernetes: `command` replaces the image's ENTRYPOINT, `args` its CMD.
         command = spec.get("command") or self.agent.entrypoint
-        argv = [rewrite(expand_vars(a, pod_env)) for a in command + (spec.get("args") or [])]
+        argv = [self.ports.rewrite(rewrite(expand_vars(a, pod_env))) for a in command + (spec.get("args") or [])]
         cwd = self.agent.cwd
         if spec.get("workingDir"):
             local = Path(rewrite(spec["workingDir"]))
@@ -638,7 +684,7 @@ class PodRunner(threading.Thread):
             try:
                 run.process = subprocess.Popen(
                     argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent)
+                    start_new_session=True, preexec_fn=self._preexec())
             except OSError as exc:
                 output.write(f"node agent: cannot start {argv[0]}: {exc}\n".encode())
                 self._terminated(run, 128, "StartError", str(exc))
@@ -646,10 +692,80 @@ class PodRunner(threading.Thread):
                 return
         (self.dir / f"{run.name}.pid").write_text(str(run.process.pid))
         run.state = {"running": {"startedAt": run.started_at}}
+        if not run.init or run.sidecar:
+            run.prober = self._prober(run, env, cwd)
+            run.prober.start()
         log.info("%s/%s: started %s (pid %d): %s", self.namespace, self.name, run.name, run.process.pid,
                  " ".join(argv)[:300])
 
+    def _preexec(self):
+        return sandbox_preexec(self.hosts_file if self.agent.isolation else None, self.hostname)
+
+    def _prober(self, run: ContainerRun, env: dict[str, str], cwd) -> ContainerProber:
+        def run_exec(command: list[str], timeout: float) -> tuple[int, str]:
+            result = subprocess.run([self.ports.rewrite(a) for a in command], cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                                    preexec_fn=self._preexec())
+            return result.returncode, (result.stdout + result.stderr).decode(errors="replace")[-1024:]
+
+        def on_failure(kind: str, message: str) -> None:
+            self.event(run.name, "Unhealthy", f"{kind} probe failed: {message}")
+
+        return ContainerProber(
+            run.spec, resolve_port=lambda port: self.ports.host_port(port, run.spec), run_exec=run_exec,
+            on_change=self.probe_changed.set, on_failure=on_failure,
+            kill=lambda message, process=run.process: self.kill_container(run, process, message))
+
+    def kill_container(self, run: ContainerRun, process: subprocess.Popen, message: str) -> None:
+        """What kubelet does to a container that failed its liveness (or startup) probe."""
+        if process is None or process.poll() is not None:
+            return
+        self.event(run.name, "Killing", f"Container {run.name} {message}", kind="Normal")
+        log.info("%s/%s: killing %s: %s", self.namespace, self.name, run.name, message)
+        grace = min(float(self.spec.get("terminationGracePeriodSeconds", 30)), self.agent.max_grace)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def force() -> None:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        threading.Timer(grace, force).start()
+
+    def event(self, container: str, reason: str, message: str, kind: str = "Warning") -> None:
+        """Record an Event on the pod as kubelet does (repeats of one message count up)."""
+        key = (container, reason, message)
+        now = now_rfc3339()
+        base = f"/api/v1/namespaces/{self.namespace}/events"
+        try:
+            known = self._events.get(key)
+            if known is not None:
+                name, count = known
+                self.agent.rest.patch(f"{base}/{name}", {"count": count + 1, "lastTimestamp": now}, kind="merge")
+                self._events[key] = (name, count + 1)
+                return
+            created = self.agent.rest.post(base, {
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{self.name}.{uuid.uuid4().hex[:16]}", "namespace": self.namespace},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": self.namespace,
+                                   "name": self.name, "uid": self.uid, "fieldPath": f"spec.containers{{{container}}}"},
+                "reason": reason, "message": message, "type": kind, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": "kubelet", "host": self.agent.node_name},
+                "reportingComponent": "kubelet", "reportingInstance": self.agent.node_name})
+            self._events[key] = (created["metadata"]["name"], 1)
+        except Exception as exc:  # noqa: BLE001 - an Event is worth a try, not a failure
+            log.debug("%s/%s: event %s not recorded: %r", self.namespace, self.name, reason, exc)
+
     def _terminated(self, run: ContainerRun, code: int, reason: str | None = None, message: str | None = None):
+        if run.prober is not None:
+            run.prober.stop()
+            run.prober = None
         run.exit_code = code
         run.process = None
         state = {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error"),
@@ -739,6 +855,7 @@ class PodRunner(threading.Thread):
             log.exception("%s/%s: node agent error", self.namespace, self.name)
             self._stop_processes(self.inits + self.mains, 0)
         finally:
+            self.agent.hosts_files.remove(self.hosts_file)
             self.agent.runner_finished(self)
 
     def _run(self) -> None:
@@ -815,6 +932,9 @@ class PodRunner(threading.Thread):
             if all(run.done for run in self.mains):
                 self.phase = "Succeeded" if all(r.exit_code == 0 for r in self.mains) else "Failed"
                 return self._finish(terminal_already=True)
+            if self.probe_changed.is_set():
+                self.probe_changed.clear()
+                changed = True
             if changed:
                 self.report()
             self.deleting.wait(0.05)
@@ -896,6 +1016,12 @@ class NodeAgent:
         self.lock = threading.Lock()
         self.node_uid = ""
         self.registered_at = now_rfc3339()
+        # The pod network (pod_network.py): per-pod hosts files and the Services' forwarders.
+        self.isolation = False  # decided in start(): can pods get their own /etc/hosts here?
+        self.hosts_files = HostsFiles()
+        self.services = ServiceProxy(self.endpoints, self.work_dir / "services.json",
+                                     on_change=self.hosts_files.services_changed)
+        self.services_rest = KubeREST(self.kubeconfig)
 
     # --- node ------------------------------------------------------------------------------
     def _node_conditions(self) -> list[dict]:
@@ -1023,41 +1149,27 @@ class NodeAgent:
             self.runners[uid] = runner
         runner.start()
 
+    def endpoints(self, namespace: str, selector: dict, include_not_ready: bool) -> list[Endpoint]:
+        """The pods of this node a Service with `selector` in `namespace` forwards to."""
+        with self.lock:
+            runners = [r for r in self.runners.values() if r.namespace == namespace]
+        found = (r.endpoint(selector, include_not_ready) for r in runners)
+        return [endpoint for endpoint in found if endpoint is not None]
+
     def runner_finished(self, runner: PodRunner) -> None:
         with self.lock:
             self.runners.pop(runner.uid, None)
             self.finished.add(runner.uid)
 
     def _watch_loop(self) -> None:
-        resource_version = None
-        while not self.stopping.is_set():
-            try:
-                if resource_version is None:
-                    listing = self.rest.get("/api/v1/pods")
-                    resource_version = listing["metadata"]["resourceVersion"]
-                    present = set()
-                    for pod in listing["items"]:
-                        present.add(pod["metadata"]["uid"])
-                        self.handle("ADDED", pod)
-                    with self.lock:
-                        lost = [r for uid, r in self.runners.items() if uid not in present]
-                    for runner in lost:
-                        runner.vanished()
-                for event in self.watch_rest.watch("/api/v1/pods", resource_version, timeout_seconds=60,
-                                             stop=self.stopping):
-                    kind, obj = event.get("type"), event.get("object", {})
-                    if kind == "ERROR":
-                        resource_version = None  # e.g. 410 Gone: list again
-                        break
-                    resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
-                    if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self.handle(kind, obj)
-            except Exception as exc:  # noqa: BLE001
-                if self.stopping.is_set():
-                    return
-                log.warning("pod watch failed (listing again): %r", exc)
-                resource_version = None
-                self.stopping.wait(1.0)
+        def listed(present: set[str]) -> None:
+            with self.lock:
+                lost = [r for uid, r in self.runners.items() if uid not in present]
+            for runner in lost:
+                runner.vanished()
+
+        list_and_watch(self.rest, self.watch_rest, "/api/v1/pods", self.handle, self.stopping, listed,
+                       what="pod watch")
 
     # --- running ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -1071,9 +1183,16 @@ class NodeAgent:
                                         self.kubelet_tls["key"], self.kubelet_tls["client_ca"])
             self.log_server.start()
             self.kubelet_port = self.log_server.port
+        self.isolation = isolation_supported(self.work_dir)
+        if not self.isolation:
+            log.warning("pods cannot get their own /etc/hosts here (mount namespaces need CAP_SYS_ADMIN): "
+                        "Service names do not resolve in pods")
         self.register_node()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True).start()
+        threading.Thread(target=list_and_watch, name="service-watch", daemon=True, kwargs=dict(
+            rest=self.rest, watch_rest=self.services_rest, path="/api/v1/services", handle=self.services.handle,
+            stopping=self.stopping, listed=self.services.forget_missing, what="service watch")).start()
         self.ready.set()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -1083,6 +1202,7 @@ class NodeAgent:
             runners = list(self.runners.values())
         for runner in runners:
             runner.join(timeout)
+        self.services.stop()
         if self.log_server is not None:
             self.log_server.stop()
 
@@ -1162,6 +1282,16 @@ class NodeAgentProcess:
     def pvc_path(self, claim_name: str, namespace: str) -> Path:
         return pvc_path(claim_name, namespace, self.pvc_dir)
 
+    def pod_port(self, namespace: str, pod_name: str, port: int | str) -> int:
+        return pod_port(namespace, pod_name, port, work_dir=self.work_dir)
+
+    def service_address(self, namespace: str, name: str) -> str:
+        return service_address(namespace, name, work_dir=self.work_dir)
+
+    @property
+    def service_names_resolve(self) -> bool:
+        return service_names_resolve(self.work_dir)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.node_agent", description=__doc__.split("\n\n")[0])
@@ -1195,7 +1325,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     (agent.work_dir / "agent.json").write_text(json.dumps(
         {"pid": os.getpid(), "node_name": agent.node_name, "pvc_dir": str(agent.pvc_dir),
-         "kubeconfig": str(Path(args.kubeconfig).resolve())}))
+         "kubeconfig": str(Path(args.kubeconfig).resolve()), "service_names": agent.isolation}))
     if args.ready_file:
         Path(args.ready_file).write_text(str(os.getpid()))
     print(f"node agent: node {agent.node_name} ready; pods in {agent.work_dir / 'pods'}", file=sys.stderr, flush=True)

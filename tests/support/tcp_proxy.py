@@ -9,20 +9,27 @@
 
 Bytes are forwarded untouched (TLS passes through), so a client still sees the real server's
 certificate: keep the host the certificate names (127.0.0.1) and change only the port.
+
+With `resolve` (a callable returning (host, port), or None) the target is chosen per connection,
+as kube-proxy picks an endpoint; None resets the connection (no endpoint to go to).
 """
 
 from __future__ import annotations
 
 import selectors
 import socket
+import struct
 import threading
+from typing import Callable
 
 _CHUNK = 64 * 1024
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1", listen_port: int = 0):
+    def __init__(self, target_host: str | None, target_port: int | None, listen_host: str = "127.0.0.1",
+                 listen_port: int = 0, resolve: Callable[[], tuple[str, int] | None] | None = None):
         self.target = (target_host, target_port)
+        self.resolve = resolve
         self.listen_host = listen_host
         self.port = listen_port
         self.mode = "forward"  # forward | refuse | reset
@@ -119,8 +126,12 @@ class TcpProxy:
             threading.Thread(target=self._serve, args=(client,), name="tcp-proxy-conn", daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        target = self.resolve() if self.resolve is not None else self.target
+        if target is None:
+            _reset(client)
+            return
         try:
-            upstream = socket.create_connection(self.target, timeout=5)
+            upstream = socket.create_connection(target, timeout=5)
             upstream.settimeout(None)
         except OSError:
             _close(client)
@@ -166,9 +177,17 @@ class TcpProxy:
                     return
 
 
-def _close(sock: socket.socket) -> None:
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST, as a connection to a Service without endpoints ends."""
+    _close(sock, reset=True)
+
+
+def _close(sock: socket.socket, reset: bool = False) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     try:
