@@ -15,6 +15,7 @@ _RUN_EPILOG = """\
 Settings come from environment variables, the original relay's among them:
   {names}
 Flags given here win over the environment. See the README's configuration reference.
+HEALTH_PORT (0 = off) serves GET /readyz: 200 while the storage takes a durable write, else 503.
 
 example:
   FINGERPRINT_DIR=./fingerprints INCOMING_DIR=./data isdr run --port 11112
@@ -22,7 +23,9 @@ example:
 
 
 def _cmd_run(args) -> int:
-    from relay import metrics
+    import socket
+
+    from relay import health, metrics
     from relay.runner import Relay
 
     settings = receiver_settings("run", args, fingerprint_dir=args.fingerprint_dir)
@@ -33,14 +36,18 @@ def _cmd_run(args) -> int:
         metrics.SeriesCollector(lambda: ((s.phase, (t.phase for t in s.tasks)) for s in relay.registry.snapshot())),
         metrics.StorageCollector(relay.storage, settings.min_free_bytes),
     ])
+    health_endpoint = health.serve(settings.health_port, health.Readiness([
+        ("storage", health.storage_writable(relay.storage, f"isdr-run-{socket.gethostname()}")),
+    ]))
     try:
         relay.serve_forever()
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("relay").error("cannot start: %s", exc)
         return 1
     finally:
-        if endpoint is not None:
-            endpoint.stop()
+        for running in (endpoint, health_endpoint):
+            if running is not None:
+                running.stop()
     return 0
 
 

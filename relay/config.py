@@ -129,6 +129,9 @@ class Settings:
     # Prometheus metrics at http://<host>:METRICS_PORT/metrics (isdr run, isdr scp, isdr operator);
     # 0 turns them off. `isdr job` (short-lived) never serves them.
     metrics_port: int = 9120
+    # Readiness at http://<host>:HEALTH_PORT/readyz (isdr scp, isdr run): can the storage take a
+    # write, can the API server be reached (isdr scp). 0 (the default outside the chart): off.
+    health_port: int = 0
 
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -182,6 +185,7 @@ _ENV = {
     "DELIVERY_AE_TITLE": ("delivery_ae_title", lambda n, v: v.strip() or None),
     "WORKERS": ("workers", lambda n, v: _parse_number(n, v, int, 1)),
     "METRICS_PORT": ("metrics_port", lambda n, v: _parse_number(n, v, int, 0)),
+    "HEALTH_PORT": ("health_port", lambda n, v: _parse_number(n, v, int, 0)),
 }
 
 ENV_VARIABLES = tuple(_ENV)
@@ -218,6 +222,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"SCP_PORT={settings.scp_port}: must be 1-65535")
     if not 0 <= settings.metrics_port <= 65535:
         raise ConfigError(f"METRICS_PORT={settings.metrics_port}: must be 1-65535, or 0 for no metrics")
+    if not 0 <= settings.health_port <= 65535:
+        raise ConfigError(f"HEALTH_PORT={settings.health_port}: must be 1-65535, or 0 for no readiness endpoint")
     if not 1 <= len(settings.scp_ae_title) <= 16 or "\\" in settings.scp_ae_title:
         raise ConfigError(f"SCP_AE_TITLE={settings.scp_ae_title!r}: must be 1-16 characters, no backslash")
     if settings.storage not in ("local", "s3"):

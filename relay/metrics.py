@@ -29,7 +29,6 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics, start_http_server
@@ -37,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from relay import __version__
+from relay.endpoint import HttpEndpoint as MetricsEndpoint
 from relay.lifecycle import (
     DISPATCHED,
     FAILED,
@@ -365,23 +365,6 @@ class StorageCollector:
 
 
 # --- the endpoint ----------------------------------------------------------------------------
-
-
-@dataclass
-class MetricsEndpoint:
-    """A running /metrics endpoint; stop() closes it."""
-
-    server: Any
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 def serve(port: int, collectors: Iterable[object] = (), host: str = "0.0.0.0") -> MetricsEndpoint | None:

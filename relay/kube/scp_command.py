@@ -12,7 +12,9 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 
+from relay import health
 from relay.cli_common import add_receiver_arguments, receiver_settings
 from relay.config import ENV_VARIABLES
 
@@ -22,7 +24,8 @@ log = logging.getLogger("relay.scp")
 _RECEIVER_VARIABLES = tuple(
     name for name in ENV_VARIABLES
     if name.startswith(("SCP_", "S3_")) or name in (
-        "PYNETDICOM_LOG_LEVEL", "LOG_LEVEL", "INCOMING_DIR", "STORAGE", "MIN_FREE_BYTES", "METRICS_PORT")
+        "PYNETDICOM_LOG_LEVEL", "LOG_LEVEL", "INCOMING_DIR", "STORAGE", "MIN_FREE_BYTES", "METRICS_PORT",
+        "HEALTH_PORT")
 )
 
 _EPILOG = """\
@@ -38,6 +41,10 @@ Storage (where Jobs find the instances; every replica must use the same one):
 Every DicomSeries is written at most about once a second while it is receiving, plus once when
 an association that sent to it ends. If the API server is unreachable, instances are still
 received and stored; their series are published when it is back.
+
+Readiness (HEALTH_PORT, e.g. 8080; 0 = off): GET /readyz answers 200 while the storage takes a
+durable write and the API server answers a list of DicomSeries, else 503 naming what failed
+(the chart's readinessProbe, so that a Service sends to receivers that can do their job).
 
 Settings come from environment variables (the receiver's share of `isdr run`'s):
   {names}
@@ -125,31 +132,62 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
     log.info("publishing DicomSeries to namespace %s at %s as %s", connection.namespace, connection.server,
              publisher.pod_name)
     endpoint = metrics.serve(settings.metrics_port, [metrics.StorageCollector(storage, settings.min_free_bytes)])
+    readiness = health.Readiness([
+        ("storage", health.storage_writable(storage, publisher.pod_name)),
+        ("kubernetes-api", lambda: _raise_api_problem(api, connection)),
+    ])
+    health_endpoint = health.serve(settings.health_port, readiness)
     try:
-        _probe(api, connection)  # after the receiver is up: an API that hangs must not delay receiving
+        problem = api_problem(api, connection)  # after the receiver is up: a hanging API must not delay it
+        if problem is not None:
+            log.log(logging.WARNING if problem.transient else logging.ERROR, "%s", problem)
         while not stop.wait(1.0):
             pass
     finally:
+        readiness.shutting_down()  # Services stop sending while running associations finish
         receiver.stop(drain_timeout)  # no new associations; let running ones finish
         publisher.stop(timeout=flush_timeout)
         connection.close()
-        if endpoint is not None:
-            endpoint.stop()
+        for running in (endpoint, health_endpoint):
+            if running is not None:
+                running.stop()
         log.info("stopped (%d instances stored, %d refused)", receiver.stored, receiver.refused)
     return 0
 
 
-def _probe(api, connection) -> None:
-    """Say early (but do not refuse to start) when the API is unreachable or forbids us DicomSeries."""
+@dataclass(frozen=True)
+class ApiProblem:
+    """Why the receiver cannot publish DicomSeries; `transient` when the API is only unreachable."""
+
+    message: str
+    transient: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def api_problem(api, connection) -> ApiProblem | None:
+    """What keeps this receiver from publishing series (unreachable API, no CRD, RBAC), or None.
+
+    The receiver receives and stores either way; this is said at start-up and answers the
+    readiness check."""
     from relay.kube.publisher import ApiError, ApiUnavailable, NotFound
 
     try:
         api.list_one()
     except ApiUnavailable as exc:
-        log.warning("cannot reach the Kubernetes API at %s yet (%s): receiving anyway; series are "
-                    "published once it answers", connection.server, exc)
+        return ApiProblem(f"cannot reach the Kubernetes API at {connection.server} ({exc}): receiving "
+                          "anyway; series are published once it answers", transient=True)
     except NotFound:
-        log.error("the API at %s does not serve dicomseries.isdr.io: is the CRD installed?", connection.server)
+        return ApiProblem(f"the API at {connection.server} does not serve dicomseries.isdr.io: "
+                          "is the CRD installed?")
     except ApiError as exc:
-        log.error("the API at %s refuses to list DicomSeries in namespace %s (%s): check the RBAC rules",
-                  connection.server, connection.namespace, exc)
+        return ApiProblem(f"the API at {connection.server} refuses to list DicomSeries in namespace "
+                          f"{connection.namespace} ({exc}): check the RBAC rules")
+    return None
+
+
+def _raise_api_problem(api, connection) -> None:
+    problem = api_problem(api, connection)
+    if problem is not None:
+        raise health.NotReady(str(problem))
