@@ -9,6 +9,10 @@ the objects exist, RBAC is least privilege as the API server's authorizer sees i
 reviews and requests with the ServiceAccounts' own tokens), the DicomSeries schema and its CEL
 rules reject bad objects, kopf runs with only the operator's Role, and `helm uninstall` cleans up.
 No node agent: the Deployments' pods stay Pending, which is all these tests need.
+
+The session's control plane has the CRDs pre-installed (as an administrator applies them with
+kubectl), so these installs pass crds.enabled=false (SHARED_CRDS); the chart's own management of
+the CRDs is tested on a control plane of its own in tests/kube/test_chart_crds.py.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "isdr"
 CRDS = REPO / "crds"
 RELEASE = "isdr"
+# The session's control plane shares its pre-installed CRDs with every test: leave them alone.
+SHARED_CRDS = ("--set", "crds.enabled=false")
+ISDR_CRD_FILES = ("fingerprint.yaml", "dicomseries.yaml")
 
 S3_VALUES = ("storage.type=s3", "storage.s3.bucket=isdr-bucket", "storage.s3.endpoint=http://minio:9000",
              "storage.s3.prefix=incoming", "storage.s3.credentials.existingSecret=isdr-s3")
@@ -219,6 +226,8 @@ def test_default_render_has_every_component_and_no_cluster_scoped_rbac():
     docs = render()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
     assert kinds == sorted([
+        ("CustomResourceDefinition", "dicomseries.isdr.io"),
+        ("CustomResourceDefinition", "fingerprints.isdr.io"),
         ("ConfigMap", "isdr-config"),
         ("Deployment", "isdr-operator"),
         ("Deployment", "isdr-receiver"),
@@ -238,8 +247,9 @@ def test_default_render_has_every_component_and_no_cluster_scoped_rbac():
         ("ServiceAccount", "isdr-receiver"),
     ])
     for doc in docs:
-        assert doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
-        assert doc["metadata"]["namespace"] == "isdr-ns"
+        assert doc["kind"] not in ("ClusterRole", "ClusterRoleBinding")
+        if doc["kind"] != "CustomResourceDefinition":  # cluster-scoped
+            assert doc["metadata"]["namespace"] == "isdr-ns"
         labels = doc["metadata"]["labels"]
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
                     "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "helm.sh/chart"):
@@ -249,7 +259,7 @@ def test_default_render_has_every_component_and_no_cluster_scoped_rbac():
 
 def test_release_name_prefixes_every_object():
     docs = [d for d in yaml.safe_load_all(run_helm("template", "clinic-a", str(CHART)).stdout) if d]
-    names = {d["metadata"]["name"] for d in docs}
+    names = {d["metadata"]["name"] for d in docs if d["kind"] != "CustomResourceDefinition"}
     assert all(n.startswith("clinic-a-isdr") for n in names), names
     peering = one(docs, "KopfPeering")["metadata"]["name"]
     assert f"--peering={peering}" in container(one(docs, "Deployment", "clinic-a-isdr-operator"))["args"]
@@ -282,11 +292,13 @@ def test_receiver_deployment_and_service():
     c = container(deployment)
     assert c["args"] == ["scp"] and "command" not in c
     assert c["ports"] == [{"name": "dicom", "containerPort": 11112, "protocol": "TCP"},
+                          {"name": "health", "containerPort": 8080, "protocol": "TCP"},
                           {"name": "metrics", "containerPort": 9120, "protocol": "TCP"}]
-    assert c["readinessProbe"]["tcpSocket"] == {"port": "dicom"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert c["livenessProbe"]["tcpSocket"] == {"port": "dicom"}
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "isdr-receiver"
-    assert {"POD_NAME", "POD_NAMESPACE"} <= set(env_of(c))
+    assert {"POD_NAME", "POD_NAMESPACE", "HEALTH_PORT"} <= set(env_of(c))
+    assert env_of(c)["HEALTH_PORT"]["value"] == "8080"
     assert c["envFrom"] == [{"configMapRef": {"name": "isdr-config"}}]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts == {"tmp": "/tmp", "data": "/data"}
@@ -455,6 +467,12 @@ def test_placement_and_image_values_pass_through():
     (("inferenceServer.caBundle.configMap=a", "inferenceServer.caBundle.secret=b"), "not both"),
     (("typo=1",), "typo"),
     (("receiver.service.type=ExternalName",), "receiver/service/type"),
+    (("config.HEALTH_PORT=1",), "config.HEALTH_PORT is set by the chart"),
+    (("receiver.healthPort=11112",), "the receiver's ports must differ"),
+    (("receiver.healthPort=9120",), "the receiver's ports must differ"),
+    (("receiver.tls.enabled=true", "receiver.tls.secretName=tls", "receiver.tls.port=8080"),
+     "the receiver's ports must differ"),
+    (("crds.enabled=yes",), "crds/enabled"),
 ])
 def test_invalid_values_are_refused(sets, message):
     args = ["template", RELEASE, str(CHART)]
@@ -479,23 +497,34 @@ def test_values_yaml_is_valid_against_its_schema_and_commented():
         assert render(values_files=(str(CHART / "examples" / name),))
 
 
-def test_chart_crds_are_the_repository_crds_through_symlinks():
-    linked = sorted(p.name for p in (CHART / "crds").iterdir())
-    assert linked == sorted(p.name for p in CRDS.glob("*.yaml"))
-    for name in linked:
-        path = CHART / "crds" / name
-        assert path.is_symlink(), f"charts/isdr/crds/{name} must link to crds/{name}, not copy it"
-        assert os.readlink(path) == f"../../../crds/{name}"
-        assert path.resolve() == (CRDS / name).resolve()
-    # helm follows the links: `helm show crds` prints the files' contents (joined without a YAML
-    # document separator, so compare text), `--include-crds` renders them as objects
+def test_the_chart_reads_the_repository_crds_through_links():
+    links = {p.relative_to(CHART).as_posix(): p for p in (CHART / "crds").iterdir()}
+    links.update({p.relative_to(CHART).as_posix(): p for p in (CHART / "files" / "crds").iterdir()})
+    assert sorted(links) == ["crds/kopfpeering.yaml", "files/crds/dicomseries.yaml", "files/crds/fingerprint.yaml"]
+    assert sorted(p.name for p in links.values()) == sorted(p.name for p in CRDS.glob("*.yaml"))
+    for relative, path in links.items():
+        assert path.is_symlink(), f"charts/isdr/{relative} must link to crds/{path.name}, not copy it"
+        assert path.resolve() == (CRDS / path.name).resolve()
+    # kopf's CRD is Helm's crds/ folder (installed once, owned by nobody): `helm show crds`, --include-crds
     shown = run_helm("show", "crds", str(CHART)).stdout
-    contents = [p.read_text() for p in sorted(CRDS.glob("*.yaml"))]
-    assert all(content in shown for content in contents)
-    assert len(shown.strip()) <= sum(len(c) + 2 for c in contents)
-    expected = {d["metadata"]["name"]: d for c in contents for d in yaml.safe_load_all(c) if d}
-    included = {d["metadata"]["name"]: d for d in render(include_crds=True) if d["kind"] == "CustomResourceDefinition"}
-    assert included == expected
+    assert shown.strip() == (CRDS / "kopfpeering.yaml").read_text().strip()
+    included = [d for d in render(include_crds=True) if d["kind"] == "CustomResourceDefinition"]
+    assert {d["metadata"]["name"] for d in included} == {"kopfpeerings.kopf.dev", *(
+        yaml.safe_load((CRDS / f).read_text())["metadata"]["name"] for f in ISDR_CRD_FILES)}
+
+
+def test_isdr_crds_are_templates_of_the_repository_files_kept_on_uninstall():
+    rendered = {d["metadata"]["name"]: d for d in render() if d["kind"] == "CustomResourceDefinition"}
+    for name in ISDR_CRD_FILES:
+        source = yaml.safe_load((CRDS / name).read_text())
+        crd = rendered[source["metadata"]["name"]]
+        assert crd["spec"] == source["spec"], f"{name}: the template must render the file as it is"
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert crd["metadata"]["labels"]["app.kubernetes.io/part-of"] == "isdr"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/component"] == "crds"
+    not_kept = [d for d in render("crds.keep=false") if d["kind"] == "CustomResourceDefinition"]
+    assert len(not_kept) == 2 and not any((d["metadata"].get("annotations") or {}) for d in not_kept)
+    assert not [d for d in render("crds.enabled=false") if d["kind"] == "CustomResourceDefinition"]
 
 
 def test_packaged_chart_contains_the_crd_contents(tmp_path):
@@ -504,11 +533,16 @@ def test_packaged_chart_contains_the_crd_contents(tmp_path):
     import tarfile
 
     with tarfile.open(archive) as tar:
-        for path in CRDS.glob("*.yaml"):
-            member = tar.getmember(f"isdr/crds/{path.name}")
+        for member_name, source in (("isdr/crds/kopfpeering.yaml", "kopfpeering.yaml"),
+                                    *((f"isdr/files/crds/{n}", n) for n in ISDR_CRD_FILES)):
+            member = tar.getmember(member_name)
             assert member.isfile(), "a packaged chart must hold the file, not a link"
-            assert tar.extractfile(member).read() == path.read_bytes()
+            assert tar.extractfile(member).read() == (CRDS / source).read_bytes()
         assert tar.getmember("isdr/examples/fingerprint-ct-thorax-oars.yaml").isfile()
+    # and the packaged chart renders the same CRDs as the folder
+    packaged = {d["metadata"]["name"]: d for d in yaml.safe_load_all(run_helm("template", RELEASE, str(archive)).stdout)
+                if d and d["kind"] == "CustomResourceDefinition"}
+    assert packaged == {d["metadata"]["name"]: d for d in render() if d["kind"] == "CustomResourceDefinition"}
 
 
 def test_example_fingerprint_is_the_repository_example():
@@ -664,7 +698,7 @@ def release_namespace(kube_cluster):
     """The chart installed with `helm install` (CRDs included) into a fresh namespace."""
     namespace = kube_cluster.create_namespace("chart")
     INSTALL_OUTPUT[namespace] = kube_cluster.helm("install", RELEASE, str(CHART), "--namespace", namespace,
-                                                  timeout=180).stdout
+                                                  *SHARED_CRDS, timeout=180).stdout
     try:
         yield namespace
     finally:
@@ -684,7 +718,7 @@ def test_helm_install_creates_the_crds_from_the_symlinked_folder(kube_cluster):
         kube_cluster.rest.delete(f"{base}/kopfpeerings.kopf.dev", ok_missing=True)
         wait_until(lambda: kube_cluster.rest.get(f"{base}/kopfpeerings.kopf.dev", ok_missing=True) is None,
                    60, what="the kopfpeerings CRD to be deleted")
-        kube_cluster.helm("install", "crd-check", str(CHART), "--namespace", namespace, timeout=180)
+        kube_cluster.helm("install", "crd-check", str(CHART), "--namespace", namespace, *SHARED_CRDS, timeout=180)
         kube_cluster.wait_crd_established("kopfpeerings.kopf.dev")
         crd = kube_cluster.rest.get(f"{base}/kopfpeerings.kopf.dev")
         expected = yaml.safe_load((CRDS / "kopfpeering.yaml").read_text())
@@ -712,6 +746,17 @@ def test_crds_are_established_and_served(kube_cluster, release_namespace):
 
 
 @pytest.mark.kube
+def test_with_crds_enabled_false_the_release_leaves_preinstalled_crds_alone(kube_cluster, release_namespace):
+    """crds.enabled=false against CRDs an administrator applied: the release neither owns nor changes them."""
+    for name in ("fingerprints.isdr.io", "dicomseries.isdr.io"):
+        meta = kube_cluster.rest.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")["metadata"]
+        assert "meta.helm.sh/release-name" not in (meta.get("annotations") or {})
+        assert (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != "Helm"
+    manifest = kube_cluster.helm("get", "manifest", RELEASE, "-n", release_namespace).stdout
+    assert "kind: CustomResourceDefinition" not in manifest
+
+
+@pytest.mark.kube
 def test_release_objects_exist(kube_cluster, release_namespace):
     ns = release_namespace
     for kind, name in (("deployment", "isdr-receiver"), ("deployment", "isdr-operator"),
@@ -736,11 +781,13 @@ def test_release_objects_exist(kube_cluster, release_namespace):
 ])
 def test_notes_tell_how_to_reach_the_receiver(kube_cluster, release_namespace, service_type, expected):
     output = kube_cluster.helm("install", "notes", str(CHART), "--namespace", release_namespace, "--dry-run=server",
-                               "--set", f"receiver.service.type={service_type}", "--set", ",".join(S3_VALUES)).stdout
+                               "--set", f"receiver.service.type={service_type}", "--set", ",".join(S3_VALUES),
+                               *SHARED_CRDS).stdout
     notes = output[output.index("NOTES:"):]
     assert expected in notes
     assert "s3 bucket isdr-bucket at http://minio:9000" in notes
-    assert "kubectl apply -f crds/" in notes
+    assert "you manage ISDR's CRDs. Before every `helm upgrade` to a newer chart, run\n" \
+           "kubectl apply --server-side -f crds/" in notes
 
 
 @pytest.mark.kube
@@ -963,7 +1010,7 @@ def test_kopf_runs_with_only_the_operator_role(kube_cluster, release_namespace, 
 def test_helm_uninstall_removes_the_release_but_keeps_the_data_claim(kube_cluster):
     namespace = kube_cluster.create_namespace("uninstall")
     try:
-        kube_cluster.helm("install", "gone", str(CHART), "--namespace", namespace)
+        kube_cluster.helm("install", "gone", str(CHART), "--namespace", namespace, *SHARED_CRDS)
         assert kube_cluster.apps.list_namespaced_deployment(namespace).items
         result = kube_cluster.helm("uninstall", "gone", "--namespace", namespace)
         assert "PersistentVolumeClaim" in result.stdout + result.stderr  # "kept due to the resource policy"
@@ -1079,10 +1126,10 @@ def test_upgrades_between_the_example_values_work_and_keep_the_claim(kube_cluste
         return json.loads(kube_cluster.helm("status", "up", "-n", namespace, "-o", "json").stdout)["info"]["status"]
 
     try:
-        kube_cluster.helm("install", "up", str(CHART), "-n", namespace)
+        kube_cluster.helm("install", "up", str(CHART), "-n", namespace, *SHARED_CRDS)
         claim = kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
         assert claim.spec.resources.requests["storage"] == "50Gi" and not claim.spec.storage_class_name
-        upgraded = kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values)
+        upgraded = kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values, *SHARED_CRDS)
         assert status() == "deployed"
         assert "keeps its size 50Gi (storage.pvc.size is" in upgraded.stdout
         claim = kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
@@ -1090,13 +1137,13 @@ def test_upgrades_between_the_example_values_work_and_keep_the_claim(kube_cluste
         config = kube_cluster.core.read_namespaced_config_map("up-isdr-config", namespace).data
         assert config["POST_AFTER"] == "30" and config["SCP_ALLOWED_AE_TITLES"] == "CT01,PACS"
 
-        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", s3_values)
+        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", s3_values, *SHARED_CRDS)
         assert status() == "deployed"
         assert kube_cluster.core.read_namespaced_config_map("up-isdr-config", namespace).data["STORAGE"] == "s3"
         # the claim is kept (helm.sh/resource-policy: keep): it may hold acknowledged instances
         kube_cluster.core.read_namespaced_persistent_volume_claim("up-isdr-data", namespace)
 
-        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values)
+        kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "-f", pvc_values, *SHARED_CRDS)
         kube_cluster.helm("upgrade", "up", str(CHART), "-n", namespace, "--reset-then-reuse-values",
                           "--set", "config.POST_AFTER=45")
         assert status() == "deployed"

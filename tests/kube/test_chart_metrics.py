@@ -76,7 +76,7 @@ def test_the_service_monitor_selects_both_metrics_services_and_nothing_else():
 
 @pytest.mark.parametrize("sets, message", [
     (("config.METRICS_PORT=9999",), "config.METRICS_PORT is set by the chart"),
-    (("metrics.port=8080",), "metrics.port must differ from operator.healthPort"),
+    (("metrics.port=8181", "operator.healthPort=8181"), "metrics.port must differ from operator.healthPort"),
     (("metrics.enabled=false", "metrics.serviceMonitor.enabled=true"), "serviceMonitor.enabled needs metrics.enabled"),
     (("metrics.port=0",), "/metrics/port"),
     (("metrics.serviceMonitor.interval=30",), "/metrics/serviceMonitor/interval"),

@@ -29,14 +29,16 @@ def test_tls_adds_a_port_the_secret_and_the_settings_next_to_the_plain_port():
     assert volumes["receiver-tls"]["secret"] == {"secretName": "dicom-tls"}
     ports = {p["name"]: p["port"] for p in one(docs, "Service", "isdr-receiver")["spec"]["ports"]}
     assert ports == {"dicom": 11112, "dicom-tls": 2762}
-    assert c["readinessProbe"]["tcpSocket"] == {"port": "dicom"}
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "dicom"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_tls_only_serves_and_probes_the_tls_port_alone():
     docs = render(*TLS, "receiver.tls.only=true")
     c = container(one(docs, "Deployment", "isdr-receiver"))
     assert env_of(c)["SCP_TLS_ONLY"]["value"] == "true" and "SCP_TLS_CA_FILE" not in env_of(c)
-    assert c["readinessProbe"]["tcpSocket"] == c["livenessProbe"]["tcpSocket"] == {"port": "dicom-tls"}
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "dicom-tls"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}, "readiness is /readyz either way"
     assert [p["name"] for p in one(docs, "Service", "isdr-receiver")["spec"]["ports"]] == ["dicom-tls"]
 
 

@@ -489,7 +489,14 @@ def kube_cluster(request) -> Iterator[KubeCluster]:
             shutil.rmtree(work_dir, ignore_errors=True)
         return
 
+    yield from local_cluster(request, work_dir, crds=True)
+
+
+def local_cluster(request, work_dir: Path, crds: bool = True) -> Iterator[KubeCluster]:
+    """Start a control plane of our own in work_dir (with crds/ installed, unless crds=False),
+    yield its KubeCluster, stop it; logs are kept when a test failed (or ISDR_KUBE_KEEP)."""
     from tests.support.controlplane import ControlPlane
+    from tests.support.processes import missing
 
     absent = [name for name in CONTROL_PLANE_BINARIES if find_asset(name) is None]
     if absent:
@@ -501,7 +508,8 @@ def kube_cluster(request) -> Iterator[KubeCluster]:
         control_plane.start()
         cluster = KubeCluster(control_plane.kubeconfig, existing=False, work_dir=work_dir,
                               control_plane=control_plane)
-        cluster.install_crds()
+        if crds:
+            cluster.install_crds()
     except BaseException:
         control_plane.stop()
         KEPT_DIRS.append(f"control plane failed to start; logs in {work_dir / 'logs'}")

@@ -67,7 +67,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Settings the chart manages itself; `config` must not set them. */}}
 {{- define "isdr.managedSettings" -}}
-SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT_FILE METRICS_PORT
+SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT_FILE METRICS_PORT HEALTH_PORT
 {{- end -}}
 
 {{/* Fails on combinations of values the schema cannot express. */}}
@@ -76,6 +76,12 @@ SCP_PORT STORAGE INCOMING_DIR S3_ENDPOINT_URL S3_BUCKET S3_PREFIX S3_REGION CERT
 {{- if has $key (splitList " " (include "isdr.managedSettings" $)) -}}
 {{- fail (printf "config.%s is set by the chart: use storage.* or inferenceServer.caBundle instead" $key) -}}
 {{- end -}}
+{{- end -}}
+{{- $receiverPorts := list (int .Values.receiver.containerPort) (int .Values.receiver.healthPort) -}}
+{{- if .Values.metrics.enabled -}}{{- $receiverPorts = append $receiverPorts (int .Values.metrics.port) -}}{{- end -}}
+{{- if .Values.receiver.tls.enabled -}}{{- $receiverPorts = append $receiverPorts (int .Values.receiver.tls.port) -}}{{- end -}}
+{{- if ne (len $receiverPorts) (len (uniq $receiverPorts)) -}}
+{{- fail "the receiver's ports must differ: receiver.containerPort, receiver.healthPort, metrics.port and receiver.tls.port" -}}
 {{- end -}}
 {{- if and (eq .Values.storage.type "s3") (not .Values.storage.s3.bucket) -}}
 {{- fail "storage.type=s3 needs storage.s3.bucket" -}}
@@ -199,5 +205,31 @@ true
 {{- define "isdr.extraEnv" -}}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
+
+{{/* ISDR's CRDs (templates/crds.yaml) by name, for messages. */}}
+{{- define "isdr.crdNames" -}}fingerprints.isdr.io dicomseries.isdr.io{{- end -}}
+
+{{/* Fails, saying what to do, when the CRD `name` exists but this release may not take it over:
+it has no Helm owner (it came from the chart's crds/ folder, chart 0.1.0, or kubectl apply), or
+another release owns it. Helm would refuse too, without saying how to go on. Pass
+(dict "ctx" $ "name" <crd name>). */}}
+{{- define "isdr.checkCrdOwner" -}}
+{{- $live := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" .name -}}
+{{- if $live -}}
+{{- $annotations := $live.metadata.annotations | default dict -}}
+{{- $labels := $live.metadata.labels | default dict -}}
+{{- $release := index $annotations "meta.helm.sh/release-name" | default "" -}}
+{{- $namespace := index $annotations "meta.helm.sh/release-namespace" | default "" -}}
+{{- $thisRelease := and (eq $release .ctx.Release.Name) (eq $namespace .ctx.Release.Namespace) -}}
+{{- $ours := and $thisRelease (eq (index $labels "app.kubernetes.io/managed-by" | default "") "Helm") -}}
+{{- if and $release (not $thisRelease) -}}
+{{- fail (printf "the CustomResourceDefinition %s belongs to the release %s in namespace %s: one release manages ISDR's CRDs in a cluster, so install this one with --set crds.enabled=false (docs/kubernetes.md, \"The CRDs\")" .name $release $namespace) -}}
+{{- else if not $ours -}}
+{{- $names := include "isdr.crdNames" .ctx -}}
+{{- fail (printf "the CustomResourceDefinition %s exists but no Helm release manages it (it came from the chart's crds/ folder, as with chart 0.1.0, or from kubectl apply). Let this release take ISDR's CRDs over: `kubectl label crd %s app.kubernetes.io/managed-by=Helm --overwrite` and `kubectl annotate crd %s meta.helm.sh/release-name=%s meta.helm.sh/release-namespace=%s --overwrite`; or keep managing them yourself with --set crds.enabled=false (docs/kubernetes.md, \"The CRDs\")" .name $names $names .ctx.Release.Name .ctx.Release.Namespace) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
