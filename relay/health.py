@@ -85,7 +85,7 @@ class _Check:
             result = Verdict(self.name, True)
         except Exception as exc:  # noqa: BLE001 - any failure of the check is its verdict
             message = str(exc) or type(exc).__name__
-            result = Verdict(self.name, False, message if len(message) <= 300 else message[:300] + "...")
+            result = Verdict(self.name, False, message if len(message) <= 500 else message[:500] + "...")
         with self._lock:
             self._result = result
             self._finished_at = self.clock()

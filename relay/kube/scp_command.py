@@ -183,7 +183,7 @@ def api_problem(api, connection) -> ApiProblem | None:
                           "is the CRD installed?")
     except ApiError as exc:
         return ApiProblem(f"the API at {connection.server} refuses to list DicomSeries in namespace "
-                          f"{connection.namespace} ({exc}): check the RBAC rules")
+                          f"{connection.namespace}: check the RBAC rules ({exc})")
     return None
 
 

@@ -1105,6 +1105,7 @@ def test_extra_env_and_volumes_go_to_the_receiver_and_the_operator():
 
 
 def test_helm_test_echoes_the_receiver_through_its_service():
+    """Rendered here; run live against the chart's pods in tests/kube/test_chart_journey.py."""
     docs = render("config.SCP_ALLOWED_AE_TITLES=CT01\\,PACS", "receiver.service.port=104")
     pod = one(docs, "Pod", "isdr-test-echo")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"

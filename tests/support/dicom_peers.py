@@ -12,11 +12,11 @@ from tests.support.processes import ManagedProcess, dcmtk_env, free_port, requir
 
 
 def storescu(port: int, files, called_ae: str = "ISDR", calling_ae: str = "SCANNER",
-             timeout: float = 120.0) -> subprocess.CompletedProcess:
+             timeout: float = 120.0, host: str = "127.0.0.1") -> subprocess.CompletedProcess:
     """Send files with dcmtk's storescu; returns the finished process (stdout+stderr in .stdout)."""
     binary = require_dcmtk("storescu")
     args = [binary, "-aet", calling_ae, "-aec", called_ae, "--propose-lossless",
-            "127.0.0.1", str(port), *map(str, files)]
+            host, str(port), *map(str, files)]
     return subprocess.run(args, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
 
