@@ -76,7 +76,8 @@ class PodPorts:
         self._pattern = None
         if self.host_ports:
             alternatives = "|".join(str(n) for n in sorted(self.host_ports, reverse=True))
-            self._pattern = re.compile(r"(?:^|(?<=[:=]))(" + alternatives + r")(?![0-9])")
+            # The whole value, or after ':' or '=' up to a non-digit.
+            self._pattern = re.compile(rf"^({alternatives})$|(?<=[:=])({alternatives})(?![0-9])")
 
     def container_port(self, port: int | str, container: dict | None = None) -> int | None:
         """A port number, or a port name resolved in `container` (else anywhere in the pod)."""
@@ -97,7 +98,7 @@ class PodPorts:
     def rewrite(self, text: str) -> str:
         if self._pattern is None:
             return text
-        return self._pattern.sub(lambda match: str(self.host_ports[int(match.group(1))]), text)
+        return self._pattern.sub(lambda match: str(self.host_ports[int(match.group(1) or match.group(2))]), text)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps({"ports": {str(k): v for k, v in self.host_ports.items()},
