@@ -17,7 +17,8 @@ DNS give a real pod, for pods that run as local processes on the host's network.
   port mapping; with no endpoint the connection is reset. `<work dir>/services.json` records the
   addresses (`service_address()` reads it).
 * **Names** (the pod's hosts file, kubelet's job). Each container runs in a mount and UTS
-  namespace of its own (that needs CAP_SYS_ADMIN, i.e. root) in which /etc/hosts is the pod's own
+  namespace of its own (as root; otherwise inside a user namespace of its own, where the kernel
+  allows unprivileged ones) in which /etc/hosts is the pod's own
   file, as kubelet manages it: localhost, the pod's hostname, its hostAliases, and every Service
   as `<name>.<ns>.svc.cluster.local`, `<name>.<ns>.svc`, `<name>.<ns>` and, in the pod's own
   namespace, `<name>` (the names the cluster DNS and a pod's search domains resolve). The agent
@@ -175,22 +176,34 @@ class HostsFiles:
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
+CLONE_NEWUSER = 0x10000000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 PR_SET_PDEATHSIG = 1
 
 
-def _enter_sandbox(hosts_file: bytes | None, hostname: bytes | None) -> None:
+def _enter_sandbox(hosts_file: bytes | None, hostname: bytes | None, uid: int, gid: int) -> None:
     """In the child between fork and exec: die with the agent; own mount and UTS namespaces with
-    the pod's /etc/hosts and hostname. Raises OSError where namespaces are not permitted."""
+    the pod's /etc/hosts and hostname. Raises OSError where namespaces are not permitted.
+
+    As root the namespaces come as they are; otherwise inside a user namespace of the process's
+    own, in which its user and group stay what they are (so it reaches the same files), where the
+    kernel allows unprivileged user namespaces (Debian and most distributions do)."""
     if _libc is None:
         return
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if hosts_file is None:
         return
     if _libc.unshare(CLONE_NEWNS | CLONE_NEWUTS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare")
+        if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
     if _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
     if _libc.mount(hosts_file, b"/etc/hosts", None, MS_BIND, None) != 0:
@@ -204,7 +217,8 @@ def sandbox_preexec(hosts_file: Path | None, hostname: str | None) -> Callable[[
     die with the agent)."""
     hosts = os.fsencode(hosts_file) if hosts_file is not None else None
     name = hostname.encode()[:63] if hostname else None
-    return lambda: _enter_sandbox(hosts, name)
+    uid, gid = os.getuid(), os.getgid()
+    return lambda: _enter_sandbox(hosts, name, uid, gid)
 
 
 def isolation_supported(scratch: Path) -> bool:
