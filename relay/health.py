@@ -130,14 +130,20 @@ class Readiness:
 
 
 def storage_writable(storage, name: str) -> Callable[[], None]:
-    """A check that the storage takes a durable write: put (fsynced on a disk), read back, delete
-    `.isdr-readiness/<name>` (name: this process, e.g. its pod's name)."""
+    """A check that the storage takes a durable write the way the receiver writes an instance (an
+    upload committed under its key: fsynced and renamed on a disk, spooled and sent to S3), reads
+    it back and deletes it: `.isdr-readiness/<name>` (name: this process, e.g. its pod's name)."""
     key = f"{PROBE_PREFIX}/{re.sub(r'[^A-Za-z0-9._-]', '_', name).lstrip('.') or 'probe'}"
     payload = f"isdr readiness probe of {name}\n".encode()
 
     def check() -> None:
         try:
-            storage.put_bytes(key, payload)
+            upload = storage.open_upload()
+            try:
+                upload.write(payload)
+                upload.commit(key)
+            finally:
+                upload.discard()  # nothing, once committed
             if storage.get(key) != payload:
                 raise NotReady(f"{storage.describe()}: the probe object read back differs")
             storage.delete([key])
