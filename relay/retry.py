@@ -74,6 +74,7 @@ def retry_call(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     on_retry: Callable[[BaseException, int, float], None] | None = None,
+    schedule: Callable[[BaseException], Backoff] | None = None,
 ) -> T:
     """Call `fn` until it returns, retrying exceptions of the `retry_on` types with backoff.
 
@@ -83,10 +84,11 @@ def retry_call(
     be set unless retrying forever is really meant. Exceptions not in `retry_on` propagate at
     once. When giving up, the last exception is re-raised with a note saying how long we tried.
     `on_retry(exception, attempt_number, delay)` is called before each wait (attempt_number is
-    1 for the first failure).
+    1 for the first failure). `schedule(exception)`, when given, picks the Backoff for that
+    failure instead of `backoff` (each Backoff keeps its own sequence), or raises to stop.
     """
     backoff = backoff or Backoff()
-    delays = iter(backoff)
+    sequences: dict[Backoff, Iterator[float]] = {}
     started = clock()
     attempt = 0
     while True:
@@ -94,7 +96,8 @@ def retry_call(
         try:
             return fn()
         except retry_on as exc:
-            delay = next(delays)
+            chosen = backoff if schedule is None else schedule(exc)
+            delay = next(sequences.setdefault(chosen, iter(chosen)))
             if max_attempts is not None and attempt >= max_attempts:
                 _give_up(exc, attempt, clock() - started)
                 raise

@@ -2,7 +2,8 @@
 
 All times are measured from the submit (`submitted_at`, an epoch time the relay persists), not
 from the start of this call: after a restart the relay resumes polling the same task, and the
-grace period and GET_TIMEOUT keep counting from when the task was really submitted.
+grace period and GET_TIMEOUT keep counting from when the task was really submitted. No single
+poll (with its download) may run past GET_TIMEOUT either.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 class PollPolicy:
     interval: float = 15.0  # GET_INTERVAL
     timeout: float = 86400.0  # GET_TIMEOUT, counted from the submit
-    # v1 answers a submit before it has stored the task: 554 this soon after means "not yet".
+    # How long "the server does not know this task" is tolerated: v1 answers a submit before
+    # it has stored the task, so 554 this soon after the submit means "not yet"; v2 answers 500
+    # for a task it does not know (and for a passing error), so 500s for this long in a row mean
+    # the task is gone.
     not_found_grace: float = 60.0
     max_transient_backoff: float = 60.0  # cap of the wait between polls while the server errs
     progress_every: float = 60.0  # an unchanged state is reported at most this often
@@ -37,14 +41,19 @@ class WaitStopped(InferenceError):
 Step = Literal["done", "wait", "retry", "fail"]
 
 
-def next_step(state: str, elapsed: float, policy: PollPolicy) -> Step:
-    """What a poll answer means, `elapsed` seconds after the submit. The rules, as a pure function."""
+def next_step(state: str, elapsed: float, policy: PollPolicy, gone_for: float = 0.0) -> Step:
+    """What a poll answer means, `elapsed` seconds after the submit. The rules, as a pure function.
+
+    `gone_for`: how long the answers have said 'gone' without a break (0 at the first one).
+    """
     if state == "ready":
         return "done"
     if state == "pending":
         return "wait"
     if state == "not_found":
         return "wait" if elapsed < policy.not_found_grace else "fail"
+    if state == "gone":
+        return "retry" if gone_for < policy.not_found_grace else "fail"
     if state == "failed":
         return "fail"
     return "retry"  # 'error': 5xx, connection trouble, unexpected answers
@@ -71,9 +80,13 @@ class _Progress:
             log.info("%s", line)
 
 
-def _failure(uid: str, result: PollResult, elapsed: float) -> TaskFailed:
+def _failure(uid: str, result: PollResult, elapsed: float, gone_for: float) -> TaskFailed:
     if result.state == "not_found":
         text = f"task {uid} not found on the server {elapsed:.0f}s after submit: {result.message}"
+    elif result.state == "gone":
+        text = (f"task {uid} is no longer on the server: every poll for {gone_for:.0f}s answered "
+                f"HTTP {result.status_code}, the server's answer for an unknown or deleted task: "
+                f"{result.message}")
     else:
         text = f"task {uid} failed: {result.message}"
     return TaskFailed(text, result.status_code or None, result.server_message)
@@ -83,6 +96,8 @@ def _timed_out(uid: str, elapsed: float, policy: PollPolicy, last: PollResult | 
     text = f"task {uid} timed out after {elapsed:.0f}s (GET_TIMEOUT {policy.timeout:.0f}s)"
     if last is not None:
         text += f"; last answer: {last.state}"
+        if last.state == "error" and last.message:
+            text += f" ({last.message})"
     return TaskFailed(text)
 
 
@@ -107,6 +122,7 @@ def wait_for_outputs(
     progress = _Progress(uid, policy.progress_every, on_progress)
     backoff = Backoff(initial=policy.interval, maximum=max(policy.interval, policy.max_transient_backoff))
     error_delays = None  # a backoff sequence while the server is in trouble, reset by any answer
+    gone_since: float | None = None  # when the current run of 'gone' answers began
     last: PollResult | None = None
     while True:
         if should_stop is not None and should_stop():
@@ -115,21 +131,27 @@ def wait_for_outputs(
         if elapsed > policy.timeout:
             raise _timed_out(uid, elapsed, policy, last)
         try:
-            result = client.poll(uid)
+            result = client.poll(uid, time_limit=policy.timeout - elapsed)
         except ServerUnavailable as exc:
             result = PollResult("error", None, str(exc), exc.status_code or 0)
         last = result
         elapsed = clock() - submitted_at  # a poll can take a while (it downloads the outputs)
-        step = next_step(result.state, elapsed, policy)
+        if result.state != "gone":
+            gone_since = None
+        elif gone_since is None:
+            gone_since = elapsed
+        gone_for = 0.0 if gone_since is None else elapsed - gone_since
+        step = next_step(result.state, elapsed, policy, gone_for)
         if step == "done":
             progress("ready", elapsed, f"task {uid} outputs ready after {elapsed:.0f}s")
             return result.archive_path
         if step == "fail":
-            raise _failure(uid, result, elapsed)
+            raise _failure(uid, result, elapsed, gone_for)
         if step == "retry":
             error_delays = error_delays or iter(backoff)
             delay = next(error_delays)
-            progress("error", elapsed, f"task {uid}: server trouble after {elapsed:.0f}s, "
+            what = "no such task, or a passing error" if result.state == "gone" else "server trouble"
+            progress(result.state, elapsed, f"task {uid}: {what} after {elapsed:.0f}s, "
                      f"retrying in {delay:.0f}s: {result.message}")
         else:
             error_delays = None

@@ -3,15 +3,21 @@
     submit  POST <tasks-url>?model_human_readable_id=<model>   file field zip_file   -> "uid"
     poll    GET    <tasks-url><uid>
     delete  DELETE <tasks-url><uid>
+
+The v1.2 server deletes a task and then answers every DELETE with 500 (a bug of that release):
+a 500 is checked with a poll, and a task that polls as 554 (not found) counts as deleted.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from .base import ClientSettings, PollResult, validate_uid
+from .base import ClientSettings, PollResult, ServerUnavailable, redact_url, task_file_name, validate_uid
 from .http import HttpTransport, PooledClient
+
+log = logging.getLogger(__name__)
 
 
 def normalize_tasks_url(url: str) -> str:
@@ -33,7 +39,7 @@ class V1Client(PooledClient):
     protocol = "v1"
 
     def __init__(self, tasks_url: str, settings: ClientSettings, download_dir: Path):
-        self.tasks_url = normalize_tasks_url(tasks_url)
+        self.tasks_url = self.url = normalize_tasks_url(tasks_url)
         self.download_dir = Path(download_dir)
         self.http = HttpTransport(settings)
 
@@ -41,7 +47,8 @@ class V1Client(PooledClient):
         return "zip"
 
     def task_url(self, uid: str) -> str:
-        # The uid was validated (no '/', '?', '#', not '..'), so the join stays below the tasks URL.
+        # A valid uid has no '/', '?', '#' or '.', so the join stays below the tasks URL; a
+        # leading '-' or '_' is an ordinary character of a path segment.
         return urljoin(self.tasks_url, validate_uid(uid))
 
     def submit(self, archive_path: Path, model: str) -> str:
@@ -54,9 +61,18 @@ class V1Client(PooledClient):
             rejected={550: f"model {model!r} not found"},
         )
 
-    def poll(self, uid: str) -> PollResult:
-        uid = validate_uid(uid)
-        return self.http.poll(self.task_url(uid), None, self.download_dir / f"{uid}.zip")
+    def poll(self, uid: str, time_limit: float | None = None) -> PollResult:
+        return self.http.poll(self.task_url(uid), None, self.download_dir / task_file_name(uid, ".zip"), time_limit)
 
     def delete(self, uid: str) -> None:
-        self.http.delete(self.task_url(uid), None)
+        url = self.task_url(uid)
+        try:
+            self.http.delete(url, None)
+        except ServerUnavailable as exc:
+            if exc.status_code != 500:
+                raise
+            status = self.http.answer_status(url, None)
+            if status != 554:
+                raise ServerUnavailable(f"{exc}; the task is still there (GET answered HTTP {status})", 500) from exc
+            log.info("DELETE %s answered HTTP 500, as every v1.2 delete does; the task is gone "
+                     "(GET answers 554)", redact_url(url))

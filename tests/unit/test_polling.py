@@ -18,6 +18,8 @@ PENDING = PollResult("pending", None, "GET x: HTTP 551", 551)
 NOT_FOUND = PollResult("not_found", None, "GET x: HTTP 554 (task not found)", 554)
 READY = PollResult("ready", ARCHIVE, "", 200)
 ERROR_500 = PollResult("error", None, "GET x: HTTP 500: boom", 500)
+# v2 answers 500 for a task it does not know (deleted, lost) and for a passing error alike.
+GONE = PollResult("gone", None, "GET x: HTTP 500 (InferenceServer 2.0 answers 500 for a task it does not know)", 500)
 
 
 class ScriptedClient:
@@ -28,10 +30,12 @@ class ScriptedClient:
     def __init__(self, script, fake_time: FakeTime | None = None, poll_cost: float = 0.0):
         self.script = list(script)
         self.polls: list[float] = []
+        self.time_limits: list[float | None] = []
         self.fake_time, self.poll_cost = fake_time, poll_cost
 
-    def poll(self, uid: str):
+    def poll(self, uid: str, time_limit: float | None = None):
         assert uid == "abc"
+        self.time_limits.append(time_limit)
         if self.fake_time is not None:
             self.polls.append(self.fake_time.now - SUBMITTED_AT)
             self.fake_time.now += self.poll_cost
@@ -78,6 +82,13 @@ def test_next_step(state, elapsed, expected):
     assert next_step(state, elapsed, PollPolicy(not_found_grace=60)) == expected
 
 
+@pytest.mark.parametrize("gone_for, expected", [(0, "retry"), (59.9, "retry"), (60, "fail"), (10**6, "fail")])
+def test_next_step_of_answers_saying_the_task_is_gone_counts_from_the_first_of_them(gone_for, expected):
+    # Measured from the first such answer in a row, not from the submit: a task polled for a day
+    # and then lost still gets the whole window.
+    assert next_step("gone", 10**5, PollPolicy(not_found_grace=60), gone_for) == expected
+
+
 # --- the loop ---
 
 
@@ -108,6 +119,27 @@ def test_resumed_polling_counts_the_grace_period_from_the_submit():
     exc, client, _, _ = run([NOT_FOUND], start_after=600)
     assert isinstance(exc, TaskFailed)
     assert client.polls == [600]
+
+
+def test_v2_answers_that_the_task_is_gone_fail_it_after_the_grace_period_in_a_row():
+    exc, client, _, _ = run([PENDING, GONE], policy=PollPolicy(interval=10, timeout=86400, not_found_grace=60))
+    assert isinstance(exc, TaskFailed)
+    assert exc.status_code == 500 and "is no longer on the server: every poll for" in str(exc)
+    # Retried with the error backoff (about 10, 20, 40 s apart) from the first 500, at 10 s.
+    assert client.polls[0] == 0 and 60 <= client.polls[-1] - client.polls[1] < 120
+
+
+def test_an_answer_between_two_gone_answers_starts_the_window_again():
+    script = [GONE, GONE, GONE, PENDING, GONE, GONE, GONE, READY]
+    result, _, _, lines = run(script, policy=PollPolicy(interval=10, timeout=3600, not_found_grace=45,
+                                                        max_transient_backoff=20))
+    assert result == ARCHIVE
+    assert any("no such task, or a passing error" in line for line in lines)
+
+
+def test_no_poll_may_outlive_the_tasks_timeout():
+    _, client, _, _ = run([PENDING, PENDING, READY], policy=PollPolicy(interval=10, timeout=100), start_after=5)
+    assert client.time_limits == [95, 85, 75]
 
 
 @pytest.mark.parametrize("code", [552, 553])

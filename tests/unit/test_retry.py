@@ -137,3 +137,25 @@ def test_retry_call_retry_on_accepts_a_tuple():
     fake = FakeTime()
     fn = Flaky([OSError(), KeyError()], result="done")
     assert retry_call(fn, retry_on=(OSError, KeyError), max_attempts=5, sleep=fake.sleep, clock=fake.clock) == "done"
+
+
+def test_retry_call_schedule_spaces_each_kind_of_failure_by_its_own_backoff():
+    fake = FakeTime()
+    fn = Flaky([OSError("a"), KeyError("b"), OSError("c"), KeyError("d")], result="done")
+    slow, fast = Backoff(initial=30, factor=2, jitter=0), Backoff(initial=1, factor=2, jitter=0)
+    result = retry_call(fn, retry_on=(OSError, KeyError), deadline=1000, sleep=fake.sleep, clock=fake.clock,
+                        schedule=lambda exc: slow if isinstance(exc, KeyError) else fast)
+    assert result == "done"
+    assert fake.sleeps == [1, 30, 2, 60]  # each backoff grows only with its own failures
+
+
+def test_retry_call_schedule_may_stop_the_retries_by_raising():
+    fake = FakeTime()
+    fn = Flaky([OSError("a"), OSError("b")])
+
+    def schedule(exc):
+        raise ValueError(f"not again after {exc}")
+
+    with pytest.raises(ValueError, match="not again after a"):
+        retry_call(fn, retry_on=OSError, deadline=100, sleep=fake.sleep, clock=fake.clock, schedule=schedule)
+    assert fn.calls == 1 and fake.sleeps == []
