@@ -2,6 +2,7 @@
 # Installs the Debian packages the relay's tests and demo use:
 #   dcmtk                storescu / storescp / echoscu: the real DICOM peers (with TLS)
 #   orthanc              Orthanc, a real PACS: a destination and a sender in the integration tests
+#   nginx                the reverse proxy that stands in front of an InferenceServer in the field
 #   dicom3tools          dciodvfy, which validates the objects the emulator's models produce
 #   buildah, mmdebstrap  hack/image/build.sh builds the product image from the Dockerfile without
 #                        a Docker engine; mmdebstrap makes its Python base image from Debian packages
@@ -11,6 +12,7 @@
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)

@@ -1,11 +1,17 @@
-"""The InferenceServer emulator, driven as a real process over HTTP(S) through both protocols."""
+"""The InferenceServer emulator, driven as a real process over HTTP(S) through both protocols.
+
+It must answer as the real releases v1.2 and 2.0 do (INFERENCE_SERVER_API.md), bugs included:
+these tests are the emulator's side of that promise.
+"""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import io
 import json
 import os
+import re
 import stat
 import tarfile
 import time
@@ -20,7 +26,9 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, Secondary
 
 from isdr_devtools import synthetic
 from tests.support.emulator import EmulatorProcess
+from tests.support.processes import wait_until
 
+REAL_UID = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe()
 PATIENT_ID = "PID-SECRET-4711"
 PATIENT_NAME = "Secretname^Jane"
 BOMB_BYTES = 16 * 1024 * 1024
@@ -131,15 +139,27 @@ def wait_for(poll, uid: str, waiting=(551, 554), timeout: float = 10.0) -> reque
 def v1_uid(response: requests.Response) -> str:
     assert response.status_code == 200, response.text
     uid = response.json()
-    assert isinstance(uid, str) and uid
+    assert isinstance(uid, str) and REAL_UID.fullmatch(uid)
     return uid
 
 
 def v2_uid(response: requests.Response) -> str:
     assert response.status_code == 200, response.text
     task = response.json()
-    assert isinstance(task, dict) and task["uid"]
+    assert isinstance(task, dict) and REAL_UID.fullmatch(task["uid"])
     return task["uid"]
+
+
+def v1_detail(response: requests.Response) -> str:
+    """v1's nested error body: {"detail": {"detail": "..."}}."""
+    return response.json()["detail"]["detail"]
+
+
+def assert_internal_server_error(response: requests.Response) -> None:
+    """The bare 500 of a real server that crashed on the request."""
+    assert response.status_code == 500
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert response.text == "Internal Server Error"
 
 
 def zip_members(data: bytes) -> dict[str, zipfile.ZipInfo]:
@@ -154,7 +174,7 @@ def dicom_entries_of_zip(data: bytes) -> list[pydicom.Dataset]:
     archive = zipfile.ZipFile(io.BytesIO(data))
     result = []
     for info in archive.infolist():
-        if info.filename.endswith(".dcm") and info.filename.startswith("predictions/RS"):
+        if info.filename.endswith(".dcm") and info.filename.startswith("RS."):
             result.append(pydicom.dcmread(io.BytesIO(archive.read(info))))
     return result
 
@@ -171,11 +191,16 @@ def test_v1_toy_returns_an_rtstruct_referencing_the_input(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "toy", zip_of(ct_files)))
     response = wait_for(lambda u: poll_v1(emulator, u), uid)
     assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"] == "application/zip"
+    # v1.2 sends its zip chunked, with neither a Content-Type nor a Content-Length.
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Type" not in response.headers and "Content-Length" not in response.headers
 
+    # The top-level files of the model's output folder; a sub-folder is a bare directory entry.
     members = zip_members(response.content)
-    assert "log.txt" in members and "predictions/mask.nii.gz" in members
-    (rtstruct_name,) = [n for n in members if n.startswith("predictions/RS.") and n.endswith(".dcm")]
+    assert "log.txt" in members and "mask.nii.gz" in members
+    assert members["intermediate/"].is_dir()
+    assert not [n for n in members if n.startswith("intermediate/") and n != "intermediate/"]
+    (rtstruct_name,) = [n for n in members if n.startswith("RS.") and n.endswith(".dcm")]
     raw = zipfile.ZipFile(io.BytesIO(response.content)).read(rtstruct_name)
     assert raw[128:132] == b"DICM"
     rs = pydicom.dcmread(io.BytesIO(raw), force=False)
@@ -223,8 +248,10 @@ def test_v1_poll_right_after_submit_answers_554_then_the_output(tmp_path, ct_fil
         uid = v1_uid(submit_v1(slow_register, "toy", zip_of(ct_files)))
         right_after = poll_v1(slow_register, uid)
         assert right_after.status_code == 554
-        assert "not found" in right_after.json()["detail"]
-        assert delete_v1(slow_register, uid).status_code == 554  # not stored yet either
+        assert "not found" in v1_detail(right_after)
+        # Not stored yet: a delete finds nothing (and answers 500, as every v1.2 delete does)...
+        assert_internal_server_error(delete_v1(slow_register, uid))
+        # ...and the task is stored and runs all the same.
         later = wait_for(lambda u: poll_v1(slow_register, u), uid)
         assert later.status_code == 200
 
@@ -233,7 +260,7 @@ def test_v1_pending_answers_551(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "slow", zip_of(ct_files)))  # 3 x 0.3 s
     response = wait_for(lambda u: poll_v1(emulator, u), uid, waiting=(554,))
     assert response.status_code == 551
-    assert "detail" in response.json()
+    assert v1_detail(response)
     assert wait_for(lambda u: poll_v1(emulator, u), uid).status_code == 200
 
 
@@ -241,7 +268,7 @@ def test_v1_unknown_model_answers_550(emulator, ct_files):
     before = emulator.stats()["rejected_submits"]
     response = submit_v1(emulator, "unknown", zip_of(ct_files))
     assert response.status_code == 550
-    assert "unknown" in response.json()["detail"]
+    assert "unknown" in v1_detail(response)
     assert emulator.stats()["rejected_submits"] == before + 1
 
 
@@ -253,7 +280,7 @@ def test_v1_failures(emulator, ct_files, model, code, message):
     uid = v1_uid(submit_v1(emulator, model, zip_of(ct_files)))
     response = wait_for(lambda u: poll_v1(emulator, u), uid)
     assert response.status_code == code
-    assert message in response.json()["detail"]
+    assert message in v1_detail(response)
 
 
 def test_v1_internal_error_answers_500_twice_then_the_output(emulator, ct_files):
@@ -271,21 +298,28 @@ def test_v1_internal_error_answers_500_twice_then_the_output(emulator, ct_files)
     assert answers[-1] == 200 and 500 not in answers[2:]
 
 
-def test_v1_delete(emulator, ct_files):
+def test_v1_delete_deletes_then_answers_500(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "toy", zip_of(ct_files)))
     assert wait_for(lambda u: poll_v1(emulator, u), uid).status_code == 200
-    assert delete_v1(emulator, uid).status_code == 200
-    after = poll_v1(emulator, uid)
-    assert after.status_code == 552 and "deleted" in after.json()["detail"]
-    assert delete_v1(emulator, uid).status_code == 554
-    assert delete_v1(emulator, "0" * 32).status_code == 554
+    assert_internal_server_error(delete_v1(emulator, uid))
     assert task_in_stats(emulator, uid)["deleted"] is True
+    after = poll_v1(emulator, uid)  # a deleted task is not found
+    assert after.status_code == 554 and "not found" in v1_detail(after)
+    assert_internal_server_error(delete_v1(emulator, uid))  # for known and unknown uids alike
+    assert_internal_server_error(delete_v1(emulator, "A" * 43))
 
 
 def test_v1_unknown_uid_answers_554(emulator):
-    response = poll_v1(emulator, "f" * 32)
+    response = poll_v1(emulator, "-" + "f" * 42)
     assert response.status_code == 554
-    assert response.json()["detail"]
+    assert v1_detail(response)
+
+
+def test_v1_model_that_writes_nothing_sends_the_no_output_marker(emulator, ct_files):
+    uid = v1_uid(submit_v1(emulator, "no-output", zip_of(ct_files)))
+    response = wait_for(lambda u: poll_v1(emulator, u), uid)
+    assert response.status_code == 200
+    assert list(zip_members(response.content)) == ["no_output_files_found.error"]
 
 
 def test_non_dicom_members_of_the_upload_are_skipped(emulator, ct_files):
@@ -300,7 +334,7 @@ def test_corrupt_upload_fails_the_task_not_the_server(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "toy", b"PK\x03\x04 this is no zip"))
     response = wait_for(lambda u: poll_v1(emulator, u), uid)
     assert response.status_code == 552
-    assert "invalid input" in response.json()["detail"]
+    assert "invalid input" in v1_detail(response)
 
     uid = v2_uid(submit_v2(emulator, "toy", tar_of({}, extra={"series/notes.txt": b"hello"})))
     response = wait_for(lambda u: poll_v2(emulator, u), uid)
@@ -319,17 +353,22 @@ def test_v2_toy_answers_one_prediction_per_series(emulator, ct_files, sc_files):
     response = submit_v2(emulator, "toy-v2", tar_of({"ct": ct_files, "sc": sc_files}))
     assert response.status_code == 200
     task = response.json()
-    assert task["model"] == "toy-v2" and task["status"] in ("pending", "running") and task["created_at"]
+    assert task["model"] == "toy-v2" and task["status"] in (0, 1) and task["created_at"]
+    assert isinstance(task["id"], int) and REAL_UID.fullmatch(task["uid"])
     uid = task["uid"]
 
     assert poll_v2(emulator, uid).status_code == 551  # the delay has just begun
     response = wait_for(lambda u: poll_v2(emulator, u), uid)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/x-tar"
+    assert int(response.headers["Content-Length"]) == len(response.content)
 
-    archive = tarfile.open(fileobj=io.BytesIO(response.content))
+    # An uncompressed tar of the model's top-level outputs, flat, plus an empty container.log.
+    archive = tarfile.open(fileobj=io.BytesIO(response.content), mode="r:")
     members = {m.name: m for m in archive.getmembers()}
-    assert "log.txt" in members and "predictions/mask.nii.gz" in members
+    assert "log.txt" in members and "mask.nii.gz" in members
+    assert members["container.log"].isreg() and members["container.log"].size == 0
+    assert all("/" not in name and m.isreg() for name, m in members.items())
     outputs = [
         pydicom.dcmread(archive.extractfile(m))
         for name, m in members.items()
@@ -356,10 +395,17 @@ def test_v2_toy_answers_one_prediction_per_series(emulator, ct_files, sc_files):
     assert task_in_stats(emulator, uid)["input_files"] == len(ct_files) + len(sc_files)
 
 
-def test_v2_unknown_model_answers_554(emulator, ct_files):
-    response = submit_v2(emulator, "unknown", tar_of({"ct": ct_files}))
-    assert response.status_code == 554
-    assert "unknown" in response.json()["detail"]
+def test_v2_unknown_model_answers_500_and_creates_no_task(emulator, ct_files):
+    before = len(emulator.stats()["tasks"])
+    assert_internal_server_error(submit_v2(emulator, "unknown", tar_of({"ct": ct_files})))
+    assert len(emulator.stats()["tasks"]) == before
+
+
+def test_v2_model_that_writes_nothing_sends_only_container_log(emulator, ct_files):
+    uid = v2_uid(submit_v2(emulator, "no-output", tar_of({"ct": ct_files})))
+    response = wait_for(lambda u: poll_v2(emulator, u), uid)
+    assert response.status_code == 200
+    assert list(tar_members(response.content)) == ["container.log"]
 
 
 @pytest.mark.parametrize(
@@ -382,19 +428,27 @@ def test_v2_internal_error_answers_500_twice_then_the_output(emulator, ct_files)
 
 def test_v2_delete(emulator, ct_files):
     uid = v2_uid(submit_v2(emulator, "toy", tar_of({"ct": ct_files})))
-    response = delete_v2(emulator, uid)  # deleting a pending task is allowed
+    assert_internal_server_error(delete_v2(emulator, uid))  # still running
+    assert wait_for(lambda u: poll_v2(emulator, u), uid).status_code == 200
+    response = delete_v2(emulator, uid)
     assert response.status_code == 200
-    assert response.json()["uid"] == uid and response.json()["status"] == "deleted"
-    assert poll_v2(emulator, uid).status_code == 552
+    assert response.json()["uid"] == uid and response.json()["status"] == 4
     assert delete_v2(emulator, uid).status_code == 554
-    assert delete_v2(emulator, "0" * 32).status_code == 554
-    assert poll_v2(emulator, "0" * 32).status_code == 554
+    assert delete_v2(emulator, "0" * 43).status_code == 554
+
+
+def test_v2_poll_of_an_unknown_or_deleted_uid_answers_500(emulator, ct_files):
+    assert_internal_server_error(poll_v2(emulator, "_" + "0" * 42))
+    uid = v2_uid(submit_v2(emulator, "toy", tar_of({"ct": ct_files})))
+    assert wait_for(lambda u: poll_v2(emulator, u), uid).status_code == 200
+    assert delete_v2(emulator, uid).status_code == 200
+    assert_internal_server_error(poll_v2(emulator, uid))
 
 
 def test_protocols_do_not_see_each_others_tasks(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "toy", zip_of(ct_files)))
     assert wait_for(lambda u: poll_v1(emulator, u), uid).status_code == 200
-    assert poll_v2(emulator, uid).status_code == 554
+    assert_internal_server_error(poll_v2(emulator, uid))
     assert delete_v2(emulator, uid).status_code == 554
 
 
@@ -405,12 +459,12 @@ def test_evil_dotdot(emulator, ct_files):
     uid = v1_uid(submit_v1(emulator, "evil-dotdot", zip_of(ct_files)))
     zipped = zip_members(wait_for(lambda u: poll_v1(emulator, u), uid).content)
     assert {"../../escaped.dcm", "/tmp/isdr-absolute-escape.dcm"} <= set(zipped)
-    assert any(n.startswith("predictions/RS.") for n in zipped)
+    assert any(n.startswith("RS.") for n in zipped)
 
     uid = v2_uid(submit_v2(emulator, "evil-dotdot", tar_of({"ct": ct_files})))
     tarred = tar_members(wait_for(lambda u: poll_v2(emulator, u), uid).content)
     assert {"../../escaped.dcm", "/tmp/isdr-absolute-escape.dcm"} <= set(tarred)
-    assert any(n.startswith("predictions/RS.") for n in tarred)
+    assert any(n.startswith("RS.") for n in tarred)
 
 
 def test_evil_symlink(emulator, ct_files):
@@ -428,7 +482,7 @@ def test_evil_symlink(emulator, ct_files):
     assert tarred["predictions/passwd.dcm"].issym() and tarred["predictions/passwd.dcm"].linkname == "/etc/passwd"
     assert tarred["predictions/hardlink.dcm"].islnk()
     assert tarred["predictions/outside"].issym()
-    assert any(n.startswith("predictions/RS.") and m.isreg() for n, m in tarred.items())
+    assert any(n.startswith("RS.") and m.isreg() for n, m in tarred.items())
 
 
 def test_evil_bomb(emulator, ct_files):
@@ -603,3 +657,101 @@ def test_stats_count_requests(emulator):
     assert stats["submits_by_model"]["toy"] >= 1
     assert set(stats["tasks"][0]) >= {"uid", "model", "protocol", "status", "input_files", "deleted"}
     assert json.dumps(stats)  # plain JSON
+
+
+# --- the real uid alphabet, and the switches for failure modes ------------------------------
+
+
+def test_uids_are_token_urlsafe_values_that_start_with_dash_or_underscore_at_the_real_rate():
+    from isdr_devtools.emulator.tasks import new_uid
+
+    uids = [new_uid() for _ in range(20000)]
+    assert all(REAL_UID.fullmatch(uid) for uid in uids)
+    leading = sum(uid[0] in "-_" for uid in uids)
+    # 2 of the 64 characters: about 3.1 %, i.e. 625 of 20000 (a standard deviation is about 25).
+    assert 450 < leading < 800
+
+
+@pytest.mark.parametrize("prefix", ["-", "_", "-_"])
+def test_uid_prefix_forces_a_leading_dash_or_underscore(tmp_path, ct_files, prefix):
+    with EmulatorProcess(tmp_path, v1_register_delay=0.0, extra_args=[f"--uid-prefix={prefix}"]) as emulator:
+        for uid in (v1_uid(submit_v1(emulator, "toy", zip_of(ct_files))),
+                    v2_uid(submit_v2(emulator, "toy", tar_of({"ct": ct_files})))):
+            assert uid.startswith(prefix) and REAL_UID.fullmatch(uid)
+        assert poll_v1(emulator, uid).status_code == 554  # v2's uid through v1's URL: unknown there
+        assert wait_for(lambda u: poll_v2(emulator, u), uid).status_code == 200
+
+
+def test_v2_submit_hangs_while_the_queue_is_down_but_the_task_is_stored(tmp_path, ct_files):
+    with EmulatorProcess(tmp_path, delay=0.2, extra_args=["--queue-down-for", "3"]) as emulator:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(
+                f"{emulator.base_url}/api/tasks/", params={"human_readable_id": "toy"},
+                files={"tar_file": ("series.tar", tar_of({"ct": ct_files}), "application/x-tar")}, timeout=1,
+            )
+        (task,) = emulator.stats()["tasks"]  # the submit timed out, yet the task exists...
+        assert task["status"] == "pending"
+        assert poll_v2(emulator, task["uid"]).status_code == 551
+        # ...and runs once the queue is back; a submit that waits long enough gets its answer.
+        assert wait_for(lambda u: poll_v2(emulator, u), task["uid"]).status_code == 200
+        assert v2_uid(submit_v2(emulator, "toy", tar_of({"ct": ct_files})))
+        assert emulator.stats()["submits"] == 2
+
+
+def test_redirect_polls_to_answers_302_to_the_same_path_elsewhere(tmp_path, ct_files):
+    with EmulatorProcess(tmp_path, extra_args=["--redirect-polls-to", "http://127.0.0.1:9/x"]) as emulator:
+        uid = v2_uid(submit_v2(emulator, "toy", tar_of({"ct": ct_files})))
+        for url, params in ((f"{emulator.base_url}/api/tasks/outputs/", {"uid": uid}),
+                            (urljoin(emulator.v1_tasks_url, uid), None)):
+            response = requests.get(url, params=params, allow_redirects=False, timeout=TIMEOUT)
+            assert response.status_code == 302
+            assert response.headers["Location"] == "http://127.0.0.1:9/x" + response.request.path_url
+
+
+def test_drip_sends_the_output_slowly(tmp_path, ct_files):
+    with EmulatorProcess(tmp_path, delay=0.0, extra_args=["--drip-rate", "200"]) as emulator:
+        uid = v2_uid(submit_v2(emulator, "drip", tar_of({"ct": ct_files})))
+        wait_until(lambda: task_in_stats(emulator, uid)["status"] == "finished", what="the model ran")
+        with requests.get(f"{emulator.base_url}/api/tasks/outputs/", params={"uid": uid}, stream=True,
+                          timeout=TIMEOUT) as streamed:
+            declared = int(streamed.headers["Content-Length"])
+            received, started = 0, time.monotonic()
+            while time.monotonic() - started < 1.0:
+                received += len(streamed.raw.read(1))
+        assert 0 < received < declared / 4  # a tar of several kB, at 200 bytes per second
+
+
+def test_gzip_bomb_is_small_on_the_wire_and_large_decoded(emulator, ct_files):
+    uid = v2_uid(submit_v2(emulator, "gzip-bomb", tar_of({"ct": ct_files})))
+    assert wait_for(lambda u: poll_v2(emulator, u), uid).status_code == 200
+    with requests.get(f"{emulator.base_url}/api/tasks/outputs/", params={"uid": uid}, stream=True,
+                      timeout=TIMEOUT) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        wire = response.raw.read(decode_content=False)
+    assert len(wire) < BOMB_BYTES / 100
+    decoded = gzip.decompress(wire)
+    assert len(decoded) == BOMB_BYTES
+    assert "container.log" in tar_members(decoded)  # a valid tar, its end padded with zeros
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_endless_sends_the_output_then_never_ends(emulator, ct_files, protocol):
+    if protocol == "v1":
+        uid = v1_uid(submit_v1(emulator, "endless", zip_of(ct_files)))
+        poll = lambda: requests.get(urljoin(emulator.v1_tasks_url, uid), stream=True, timeout=TIMEOUT)  # noqa: E731
+    else:
+        uid = v2_uid(submit_v2(emulator, "endless", tar_of({"ct": ct_files})))
+        poll = lambda: requests.get(f"{emulator.base_url}/api/tasks/outputs/", params={"uid": uid},  # noqa: E731
+                                    stream=True, timeout=TIMEOUT)
+    deadline = time.monotonic() + 10
+    while (response := poll()).status_code != 200 and time.monotonic() < deadline:
+        response.close()
+        time.sleep(0.05)
+    with response:
+        assert "Content-Length" not in response.headers
+        received = 0
+        for chunk in response.iter_content(1 << 20):
+            received += len(chunk)
+            if received > 8 * 1024 * 1024:
+                break
+    assert received > 8 * 1024 * 1024

@@ -1,8 +1,10 @@
 """What a task does, chosen by the model name it was submitted with.
 
 Tests pick a behaviour simply by the model in their fingerprint, so the emulator needs no control
-channel: `toy` produces real predictions, `fail` crashes, `evil-*` returns hostile archives, and
-any name not listed here is an unknown model.
+channel: `toy` produces real predictions, `fail` crashes, `evil-*` returns hostile archives, the
+download quirks (`drip`, `gzip-bomb`, `endless`) send a valid output in a hostile way, and any
+name not listed here is an unknown model. What the whole server does (its queue being down, a
+redirect, the uids it makes) is chosen by command-line switches instead (config.py).
 """
 
 from __future__ import annotations
@@ -13,8 +15,18 @@ from enum import Enum
 
 class Outcome(str, Enum):
     OUTPUT = "output"  # finished with an output archive (200)
+    EMPTY = "empty"  # finished, the model wrote nothing (200: v1 says no_output_files_found.error)
     FAILED = "failed"  # the model failed (552)
     MISSING = "missing"  # finished, but the output is missing (553)
+
+
+class Delivery(str, Enum):
+    """How the output archive is sent (the headers of each protocol aside)."""
+
+    NORMAL = "normal"
+    DRIP = "drip"  # at --drip-rate bytes per second
+    GZIP_BOMB = "gzip-bomb"  # Content-Encoding: gzip; decodes to the archive padded with zeros to --bomb-bytes
+    ENDLESS = "endless"  # the archive, then zeros without end (chunked)
 
 
 class Evil(str, Enum):
@@ -35,6 +47,7 @@ class Behaviour:
     poll_errors: int = 0
     evil: Evil | None = None
     failure_message: str = ""
+    delivery: Delivery = Delivery.NORMAL
 
 
 TOY = Behaviour("toy", "real predictions: one RTSTRUCT per input series (or a secondary capture)")
@@ -56,10 +69,24 @@ _BEHAVIOURS = {
             failure_message="task finished but its output is missing (emulated)",
         ),
         Behaviour(
+            "no-output",
+            "finishes without writing anything: v1 sends a zip holding only no_output_files_found.error, "
+            "v2 a tar holding only the empty container.log",
+            outcome=Outcome.EMPTY,
+        ),
+        Behaviour(
             "internal-error",
             "the first 2 polls answer 500, then like toy",
             poll_errors=2,
         ),
+        Behaviour("drip", "like toy, the output sent at --drip-rate bytes per second", delivery=Delivery.DRIP),
+        Behaviour(
+            "gzip-bomb",
+            "like toy, the output sent with Content-Encoding: gzip, decoding to the archive padded "
+            "with zeros to --bomb-bytes",
+            delivery=Delivery.GZIP_BOMB,
+        ),
+        Behaviour("endless", "like toy, the output followed by zeros without end", delivery=Delivery.ENDLESS),
         Behaviour("slow", "like toy, with three times the delay", delay_factor=3.0),
         Behaviour(
             "evil-dotdot",
@@ -82,7 +109,7 @@ _BEHAVIOURS = {
 
 
 def behaviour_for(model: str) -> Behaviour | None:
-    """The behaviour of `model`, or None for an unknown model (550 in v1, 554 in v2)."""
+    """The behaviour of `model`, or None for an unknown model (550 in v1, 500 in v2)."""
     if model.startswith("toy"):
         return TOY
     return _BEHAVIOURS.get(model)

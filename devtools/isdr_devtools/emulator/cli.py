@@ -8,19 +8,23 @@ import textwrap
 from pathlib import Path
 
 from .behaviours import catalogue
-from .config import DEFAULT_BOMB_BYTES, DEFAULT_MAX_UPLOAD_BYTES, EmulatorConfig
+from .config import DEFAULT_BOMB_BYTES, DEFAULT_DRIP_RATE, DEFAULT_MAX_UPLOAD_BYTES, EmulatorConfig
 
 _DESCRIPTION = """\
 Run an InferenceServer emulator: a real HTTP(S) server that speaks both InferenceServer
 protocols on one port (v1: tasks URL <base>/api/tasks/, zip archives; v2: base URL, tar
-archives) with every status code of the API, for tests and the demo.
+archives) the way the real releases v1.2 and 2.0 do, their bugs included: task uids of
+secrets.token_urlsafe() (some start with '-' or '_'), v1 answering a submit before the task is
+stored (554 for a while) and every DELETE with 500, v1 outputs chunked with no Content-Type,
+v2 answering 500 for an unknown model and for a poll of an unknown or deleted task. For tests
+and the demo.
 
 What a task does is chosen by its model name:
 """
 
 _EPILOG = """\
 Inspection for tests: GET /_emulator/stats (counters and tasks as JSON), POST /_emulator/reset
-(forget tasks and counters, re-arm --fail-submits).
+(forget tasks and counters, re-arm --fail-submits and --queue-down-for).
 
 Example:
   python -m isdr_devtools.emulator --port 0 --port-file /tmp/emulator.port --tls-dir /tmp/emulator-tls
@@ -41,7 +45,7 @@ def _description() -> str:
                 subsequent_indent=" " * 18,
             )
         )
-    lines.append("  any other name  unknown model: 550 at a v1 submit, 554 at a v2 submit")
+    lines.append("  any other name  unknown model: 550 at a v1 submit, 500 at a v2 submit")
     return "\n".join(lines)
 
 
@@ -56,6 +60,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
     return value
 
 
@@ -133,7 +144,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         default=DEFAULT_BOMB_BYTES,
         metavar="N",
-        help="expanded size of the evil-bomb model's zero-filled entry (default: %(default)s)",
+        help="expanded size of the evil-bomb model's zero-filled entry, and of the gzip-bomb "
+        "model's decoded download (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drip-rate",
+        type=_positive_float,
+        default=DEFAULT_DRIP_RATE,
+        metavar="BYTES",
+        help="bytes per second at which the drip model's output is sent (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--uid-prefix",
+        default="",
+        metavar="CHARS",
+        help="every new task uid starts with CHARS (A-Z a-z 0-9 - _), e.g. --uid-prefix=- for the "
+        "3%% of real uids that start with '-'; default: random, as the real servers",
+    )
+    parser.add_argument(
+        "--queue-down-for",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="v2's message queue is down for this long after start (and after a reset): a v2 submit "
+        "stores the task, then hangs until the queue is back, and the task runs only then, as the "
+        "2.0 server does (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--redirect-polls-to",
+        metavar="URL",
+        help="every poll (v1 and v2) answers 302 Found with Location URL + the poll's path and query",
     )
 
 
@@ -150,6 +190,10 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         max_upload_bytes=args.max_upload_bytes,
         fail_submits=args.fail_submits,
         bomb_bytes=args.bomb_bytes,
+        drip_rate=args.drip_rate,
+        uid_prefix=args.uid_prefix,
+        queue_down_for=args.queue_down_for,
+        redirect_polls_to=args.redirect_polls_to,
     )
 
 

@@ -10,10 +10,14 @@ Routes (see /work/shared/INFERENCE_SERVER_API.md for the protocols):
     DELETE /api/tasks/?uid=<uid>                   v2 delete
     GET    /_emulator/stats                        counters and tasks, for tests
     POST   /_emulator/reset                        forget tasks and counters, re-arm --fail-submits
+                                                   and --queue-down-for
 
-Errors are answered with a small JSON object {"detail": "..."}. Client mistakes that the API does
-not list (no multipart body, missing file field) answer 422 like the real (FastAPI) server, an
-upload over --max-upload-bytes 413.
+Answers are the real releases' (tasks.py says which): v1 errors are {"detail": {"detail": "..."}},
+v2 errors {"detail": "..."}, and every 500 is the bare text "Internal Server Error" of a server
+that crashed on the request. v1 sends its output zip chunked, with no Content-Type and no
+Content-Length; v2 its tar with both. Client mistakes that the API does not list (no multipart
+body, missing file field) answer 422 like the real (FastAPI) server, an upload over
+--max-upload-bytes 413.
 
 One log line per request goes to stderr: client, method, path, status. Paths hold only model names
 and task uids, never patient data.
@@ -31,12 +35,14 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from . import multipart
-from .behaviours import behaviour_for, catalogue
+from .behaviours import Delivery, behaviour_for, catalogue
 from .body import BodyError, BodyReader, BodyTooLarge
 from .config import EmulatorConfig
 from .stats import Stats
@@ -53,6 +59,7 @@ _REASONS = {
     554: "Task Not Found",
 }
 _FILE_FIELD = {V1: "zip_file", V2: "tar_file"}
+_BLOCK = 1 << 16
 _TLS_HANDSHAKE_TIMEOUT = 10.0
 # A body the handler did not need (a GET with a body) is drained up to this size, else the
 # connection is closed, so keep-alive framing stays correct.
@@ -140,20 +147,74 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, code: int, detail: str) -> None:
         self._json(code, {"detail": detail})
 
-    def _send_file(self, path: Path, content_type: str) -> bool:
+    def _answer_error(self, protocol: str, code: int, detail: str) -> None:
+        """An error answer as the release of `protocol` gives it."""
+        if code == 500:
+            return self._send(500, b"Internal Server Error", "text/plain; charset=utf-8")
+        if protocol == V1:
+            return self._json(code, {"detail": {"detail": detail}})
+        return self._error(code, detail)
+
+    # --- output downloads ---
+
+    def _send_output(self, answer) -> bool:
+        """The output archive, as the task's release sends it, in the way its model asks for."""
         try:
-            handle = open(path, "rb")
+            handle = open(answer.path, "rb")
         except FileNotFoundError:
             return False
+        delivery = answer.delivery
+        chunked = answer.task.protocol == V1 or delivery in (Delivery.GZIP_BOMB, Delivery.ENDLESS)
         with handle:
-            size = os.fstat(handle.fileno()).st_size
             self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(size))
-            self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
+            if answer.content_type:
+                self.send_header("Content-Type", answer.content_type)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(os.fstat(handle.fileno()).st_size))
+                self.send_header("Content-Disposition", f'attachment; filename="{answer.path.name}"')
+            if delivery is Delivery.GZIP_BOMB:
+                self.send_header("Content-Encoding", "gzip")
             self.end_headers()
-            shutil.copyfileobj(handle, self.wfile, 1 << 20)
+            write = self._write_chunk if chunked else self.wfile.write
+            if delivery is Delivery.GZIP_BOMB:
+                self._write_gzip_bomb(handle.read(), write)
+            elif delivery is Delivery.DRIP:
+                self._write_drip(handle, write)
+            else:
+                while block := handle.read(1 << 20):
+                    write(block)
+            if delivery is Delivery.ENDLESS:
+                zeros = bytes(_BLOCK)
+                while True:  # until the client gives up (BrokenPipe ends the request)
+                    write(zeros)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         return True
+
+    def _write_chunk(self, data: bytes) -> None:
+        if data:  # an empty chunk would end the body
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _write_drip(self, handle, write) -> None:
+        step = 0.1
+        size = max(1, int(self.server.config.drip_rate * step))
+        while data := handle.read(size):
+            write(data)
+            time.sleep(step)
+
+    def _write_gzip_bomb(self, archive: bytes, write) -> None:
+        """gzip of the archive padded with zeros to --bomb-bytes (tar takes zeros as its end)."""
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+        write(compressor.compress(archive))
+        remaining = max(0, self.server.config.bomb_bytes - len(archive))
+        zeros = bytes(1 << 20)
+        while remaining:
+            count = min(remaining, len(zeros))
+            write(compressor.compress(zeros[:count]))
+            remaining -= count
+        write(compressor.flush())
 
     def _body(self) -> BodyReader | None:
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
@@ -214,6 +275,8 @@ class Handler(BaseHTTPRequestHandler):
             self.server.stats.reset()
             return self._json(200, {"reset": True})
         if path in ("/api/tasks/outputs/", "/api/tasks/outputs") and method == "GET":
+            if self.server.config.redirect_polls_to:
+                return self._redirect()
             return self._poll(V2, query.get("uid", ""))
         if path in ("/api/tasks/", "/api/tasks"):
             if method == "POST":
@@ -223,6 +286,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/api/tasks/"):
             uid = path[len("/api/tasks/") :].strip("/")
             if uid and "/" not in uid:
+                if method == "GET" and self.server.config.redirect_polls_to:
+                    return self._redirect()
                 if method == "GET":
                     return self._poll(V1, uid)
                 if method == "DELETE":
@@ -233,25 +298,30 @@ class Handler(BaseHTTPRequestHandler):
     def _stats(self) -> dict:
         return {**self.server.stats.as_dict(), "tasks": self.server.store.snapshot(), "models": catalogue()}
 
+    def _redirect(self) -> None:
+        """--redirect-polls-to: the same path and query on another server."""
+        self.server.stats.polled(302)
+        self.send_response(302)
+        self.send_header("Location", self.server.config.redirect_polls_to.rstrip("/") + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _poll(self, protocol: str, uid: str) -> None:
         answer = self.server.store.poll(protocol, uid)
         self.server.stats.polled(answer.code)
         if answer.code == 200 and answer.path is not None:
-            if self._send_file(answer.path, answer.content_type):
+            if self._send_output(answer):
                 return
-            # Deleted between the lookup and the open.
-            self.server.stats.polled(552)
-            return self._error(552, "task was deleted")
-        self._error(answer.code, answer.detail)
+            # Deleted between the lookup and the open: as if it had never been there.
+            answer = self.server.store.poll(protocol, uid)
+        self._answer_error(protocol, answer.code, answer.detail)
 
     def _delete(self, protocol: str, uid: str) -> None:
         answer = self.server.store.delete(protocol, uid)
         self.server.stats.deleted(answer.code)
         if answer.code != 200 or answer.task is None:
-            return self._error(answer.code, answer.detail)
-        if protocol == V2:
-            return self._json(200, answer.task.describe(answer.task.created_at))
-        return self._json(200, {"detail": answer.detail})
+            return self._answer_error(protocol, answer.code, answer.detail)
+        return self._json(200, answer.task.describe(time.time()))
 
     def _submit(self, query: dict[str, str]) -> None:
         if "model_human_readable_id" in query:
@@ -267,14 +337,13 @@ class Handler(BaseHTTPRequestHandler):
         stats = self.server.stats
         if stats.take_injected_failure():
             self._reject_upload()
-            return self._error(500, "internal server error (emulated submit failure)")
+            return self._answer_error(protocol, 500, "emulated submit failure")
         behaviour = behaviour_for(model)
         if behaviour is None:
             stats.rejected()
             self._reject_upload()
-            if protocol == V1:
-                return self._error(550, f"model {model!r} not found")
-            return self._error(554, f"task could not be stored: model {model!r} not found")
+            # v2 has no "model not found" code: it crashes, and no task is created.
+            return self._answer_error(protocol, 550 if protocol == V1 else 500, f"model {model!r} not found")
 
         form = self._receive_form(protocol)
         if form is None:
@@ -286,19 +355,28 @@ class Handler(BaseHTTPRequestHandler):
             if part is None:
                 stats.rejected()
                 return self._error(422, f"multipart file field {field_name!r} is required")
+            store = self.server.store
+            queue_down = protocol == V2 and time.time() < store.queue_up_at
             try:
-                task = self.server.store.create(protocol, model, behaviour, part.path)
+                task = store.create(protocol, model, behaviour, part.path,
+                                    hold_until=store.queue_up_at if queue_down else 0.0)
             except OSError as exc:
                 stats.rejected()
                 part.path.unlink(missing_ok=True)
                 log.error("cannot store a task: %s", exc)
-                return self._error(554 if protocol == V2 else 500, f"task could not be stored: {exc.strerror}")
+                return self._answer_error(protocol, 500, f"task could not be stored: {exc.strerror}")
         finally:
             form.discard()
         stats.accepted(model)
+        if queue_down:
+            # The 2.0 server stores the task, then retries handing it to its queue until the
+            # queue is back, and only then answers: the client sees a submit that hangs.
+            log.info("task %s stored; the queue is down, so the submit hangs for %.1fs",
+                     task.uid, store.queue_up_at - time.time())
+            time.sleep(max(0.0, store.queue_up_at - time.time()))
         if protocol == V1:
             return self._json(200, task.uid)  # a JSON string: the uid
-        return self._json(200, task.describe(task.created_at))
+        return self._json(200, task.describe(time.time()))
 
     def _reject_upload(self) -> None:
         """Read and discard the upload, so the client sees our answer rather than a reset."""
@@ -389,6 +467,8 @@ def build_server(config: EmulatorConfig, data_dir: Path) -> EmulatorServer:
             delay=config.delay,
             v1_register_delay=config.v1_register_delay,
             bomb_bytes=config.bomb_bytes,
+            uid_prefix=config.uid_prefix,
+            queue_down_for=config.queue_down_for,
         )
     )
     loaded = store.load()

@@ -2,11 +2,17 @@
 
 A task's state is a function of the clock: it is pending/running until `ready_at`, then it has
 the outcome its behaviour prescribes. The model itself runs in a background worker right after
-the submit; a poll that comes before the worker is done still answers "pending".
+the submit (or once the queue is back up, see --queue-down-for); a poll that comes before the
+worker is done still answers "pending".
 
-Every task lives in DATA_DIR/tasks/<uid>/ (task.json, the input archive, the output archive), so an
-emulator restarted on the same data directory still knows the tasks it accepted, like the real
-server with its database. The answers are protocol-neutral status codes; the HTTP layer only
+The answers are the real releases' (INFERENCE_SERVER_API.md), bugs included: a v1 task is not
+visible for a while after its submit (554), a v1 DELETE deletes and then answers 500, and a v2
+poll of an unknown or deleted uid answers 500. Task uids are secrets.token_urlsafe() values, as
+the real servers make them (about 3 % start with '-' or '_').
+
+Every task lives in DATA_DIR/tasks/task-<uid>/ (task.json, the input archive, the output
+archive), so an emulator restarted on the same data directory still knows the tasks it accepted,
+like the real server with its database. The answers are protocol-neutral status codes; the HTTP layer only
 formats them.
 """
 
@@ -17,17 +23,18 @@ import gzip
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import archives, models
-from .behaviours import Behaviour, Evil, Outcome, behaviour_for
+from .behaviours import Behaviour, Delivery, Evil, Outcome, behaviour_for
+from .config import UID_LENGTH
 
 log = logging.getLogger("isdr_devtools.emulator")
 
@@ -36,6 +43,15 @@ ARCHIVE_KIND = {V1: "zip", V2: "tar"}  # v1 speaks zip both ways, v2 tar
 
 # Status codes of INFERENCE_SERVER_API.md.
 OK, PENDING, FAILED, OUTPUT_MISSING, NOT_FOUND, INTERNAL_ERROR = 200, 551, 552, 553, 554, 500
+# The v2 task object carries its status as an integer (these values are the emulator's own).
+V2_STATUS = {"pending": 0, "running": 1, "finished": 2, "failed": 3, "deleted": 4}
+NO_OUTPUT_MARKER = "no_output_files_found.error"  # v1's whole zip when the model wrote nothing
+
+
+def new_uid(prefix: str = "") -> str:
+    """A task uid as the real servers make them: secrets.token_urlsafe(), 43 characters of
+    A-Z a-z 0-9 '-' '_'. With `prefix` (tests), one that starts with it."""
+    return (prefix + secrets.token_urlsafe(32))[:UID_LENGTH]
 
 
 @dataclass
@@ -52,6 +68,8 @@ class Task:
     output_name: str | None = None  # file name of the output archive in the task folder
     output_gzip: bool = False
     deleted: bool = False
+    number: int = 0  # the v2 task object's `id`
+    hold_until: float = 0.0  # the model starts no earlier (the v2 queue was down at the submit)
     # Not persisted: counts polls for behaviours that answer 500 to the first few.
     polls: int = field(default=0, compare=False)
 
@@ -59,18 +77,21 @@ class Task:
         if self.deleted:
             return "deleted"
         if now < self.ready_at or self.outcome is None:
-            # The first third of the wait is "queued", the rest "running": only cosmetic.
-            return "pending" if now < self.created_at + (self.ready_at - self.created_at) / 3 else "running"
+            # Queued while the queue is down; then the first third of the wait is "queued", the
+            # rest "running" (only cosmetic).
+            started = max(self.created_at, self.hold_until)
+            return "pending" if now < started + (self.ready_at - started) / 3 else "running"
         return "failed" if self.outcome == Outcome.FAILED.value else "finished"
 
     def describe(self, now: float) -> dict:
         """The v2 task object (the submit and delete answers)."""
         return {
+            "id": self.number,
             "uid": self.uid,
             "model": self.model,
-            "human_readable_id": self.model,
-            "status": self.status(now),
-            "created_at": dt.datetime.fromtimestamp(self.created_at, dt.timezone.utc).isoformat(),
+            "status": V2_STATUS[self.status(now)],
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(now),
         }
 
     def to_json(self) -> dict:
@@ -79,15 +100,20 @@ class Task:
         return data
 
 
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat()
+
+
 @dataclass(frozen=True)
 class Answer:
-    """What a poll or delete gets: a status code, a message, maybe a file to send."""
+    """What a poll or delete gets: a status code, a message, maybe a file to send and how."""
 
     code: int
     detail: str = ""
     path: Path | None = None
-    content_type: str = "application/json"
+    content_type: str | None = None  # of the output archive; v1 sends none
     task: Task | None = None
+    delivery: Delivery = Delivery.NORMAL
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,8 @@ class StoreSettings:
     delay: float
     v1_register_delay: float
     bomb_bytes: int
+    uid_prefix: str = ""
+    queue_down_for: float = 0.0  # v2 submits hang (with the task stored) this long after start or a reset
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -118,8 +146,13 @@ class TaskStore:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
+        self.queue_up_at = time.time() + settings.queue_down_for
         # Two cores: one model at a time keeps the HTTP side responsive.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def folder(self, uid: str) -> Path:
+        """A task's folder: 'task-<uid>', since a uid may start with '-'."""
+        return self.tasks_dir / f"task-{uid}"
 
     # --- life cycle of the store ---
 
@@ -145,39 +178,49 @@ class TaskStore:
         with self._lock:
             uids = list(self._tasks)
             self._tasks.clear()
+            self.queue_up_at = time.time() + self.settings.queue_down_for
         for uid in uids:
-            shutil.rmtree(self.tasks_dir / uid, ignore_errors=True)
+            shutil.rmtree(self.folder(uid), ignore_errors=True)
 
     # --- operations ---
 
-    def create(self, protocol: str, model: str, behaviour: Behaviour, upload: Path) -> Task:
-        """Accept a task: move the uploaded archive into its folder and start the model."""
+    def create(self, protocol: str, model: str, behaviour: Behaviour, upload: Path, hold_until: float = 0.0) -> Task:
+        """Accept a task: move the uploaded archive into its folder and start the model (not
+        before `hold_until`: a queue that is down holds it)."""
         now = time.time()
-        uid = uuid.uuid4().hex
-        folder = self.tasks_dir / uid
+        uid = new_uid(self.settings.uid_prefix)
+        folder = self.folder(uid)
         folder.mkdir()
         os.replace(upload, folder / f"input.{ARCHIVE_KIND[protocol]}")
+        with self._lock:
+            number = len(self._tasks) + 1
         task = Task(
             uid=uid,
             model=model,
             protocol=protocol,
             created_at=now,
-            ready_at=now + self.settings.delay * behaviour.delay_factor,
+            ready_at=max(now, hold_until) + self.settings.delay * behaviour.delay_factor,
+            number=number,
+            hold_until=hold_until,
         )
         self._save(task)
         with self._lock:
             self._tasks[uid] = task
-        self._worker.submit(self._run_model, task)
+        if hold_until > now:
+            timer = threading.Timer(hold_until - now, self._worker.submit, (self._run_model, task))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._worker.submit(self._run_model, task)
         return task
 
     def poll(self, protocol: str, uid: str, now: float | None = None) -> Answer:
         now = time.time() if now is None else now
         with self._lock:
             task = self._visible(protocol, uid, now)
-            if task is None:
-                return Answer(NOT_FOUND, f"task {uid} not found")
-            if task.deleted:
-                return Answer(FAILED, "task was deleted", task=task)
+            if task is None or task.deleted:
+                # v1 says 554 (also for a deleted task); v2 crashes on the missing task.
+                return Answer(NOT_FOUND if protocol == V1 else INTERNAL_ERROR, f"task {uid} not found")
             behaviour = behaviour_for(task.model)
             task.polls += 1
             if behaviour is not None and task.polls <= behaviour.poll_errors:
@@ -188,26 +231,38 @@ class TaskStore:
                 return Answer(FAILED, task.message or "task failed", task=task)
             if task.outcome == Outcome.MISSING.value or task.output_name is None:
                 return Answer(OUTPUT_MISSING, task.message or "output missing", task=task)
-            path = self.tasks_dir / uid / task.output_name
+            path = self.folder(uid) / task.output_name
             if task.protocol == V1:
-                content_type = "application/zip"
+                content_type = None  # v1 sends its zip with no Content-Type (and no length)
             else:
                 content_type = "application/gzip" if task.output_gzip else "application/x-tar"
-            return Answer(OK, path=path, content_type=content_type, task=task)
+            delivery = behaviour.delivery if behaviour is not None else Delivery.NORMAL
+            return Answer(OK, path=path, content_type=content_type, task=task, delivery=delivery)
 
     def delete(self, protocol: str, uid: str, now: float | None = None) -> Answer:
         now = time.time() if now is None else now
         with self._lock:
             task = self._visible(protocol, uid, now)
+            if protocol == V1:
+                # The v1.2 bug: the task is deleted (if there is one), the answer is 500 anyway.
+                if task is not None and not task.deleted:
+                    task.deleted = True
+                    self._remove_files(task)
+                return Answer(INTERNAL_ERROR, "Internal Server Error", task=task)
             if task is None or task.deleted:
                 return Answer(NOT_FOUND, f"task {uid} not found")
+            if task.status(now) in ("pending", "running"):
+                return Answer(INTERNAL_ERROR, "task is still running", task=task)
             task.deleted = True
+            self._remove_files(task)
+        return Answer(OK, "task deleted", task=task)
+
+    def _remove_files(self, task: Task) -> None:
         # A model still running for it will notice `deleted` and leave no files behind.
         for name in (f"input.{ARCHIVE_KIND[task.protocol]}", task.output_name):
             if name:
-                (self.tasks_dir / uid / name).unlink(missing_ok=True)
+                (self.folder(task.uid) / name).unlink(missing_ok=True)
         self._save(task)
-        return Answer(OK, "task deleted", task=task)
 
     def snapshot(self) -> list[dict]:
         with self._lock:
@@ -239,7 +294,7 @@ class TaskStore:
         return task
 
     def _save(self, task: Task) -> None:
-        folder = self.tasks_dir / task.uid
+        folder = self.folder(task.uid)
         if folder.is_dir():  # gone after a reset
             _atomic_json(folder / "task.json", task.to_json())
 
@@ -253,7 +308,7 @@ class TaskStore:
 
     def _run_model_unguarded(self, task: Task) -> None:
         behaviour = behaviour_for(task.model)
-        folder = self.tasks_dir / task.uid
+        folder = self.folder(task.uid)
         kind = ARCHIVE_KIND[task.protocol]
         if behaviour is None:
             self._finish(task, Outcome.FAILED, f"model {task.model!r} is not known")
@@ -270,20 +325,20 @@ class TaskStore:
         if not instances:
             self._finish(task, Outcome.FAILED, f"invalid input: no DICOM instances in the {kind} archive")
             return
-        if behaviour.outcome is not Outcome.OUTPUT:
+        if behaviour.outcome in (Outcome.FAILED, Outcome.MISSING):
             self._finish(task, behaviour.outcome, behaviour.failure_message)
             return
         series = models.group_series(instances)
-        predictions = models.predict(series, task.model)
-        entries, compress = _output_entries(
-            task, predictions, len(series), behaviour.evil, self.settings.bomb_bytes
-        )
+        outputs = []
+        if behaviour.outcome is Outcome.OUTPUT:
+            outputs = _model_outputs(task, models.predict(series, task.model), len(series))
+        entries, compress = _output_entries(task, outputs, behaviour.evil, self.settings.bomb_bytes)
         if task.deleted:
             return
         name = f"output.{kind}" + (".gz" if compress else "")
         archives.write_archive(folder / name, kind, entries, gzip=compress)
         task.output_name, task.output_gzip = name, compress
-        self._finish(task, Outcome.OUTPUT, "")
+        self._finish(task, behaviour.outcome, "")
 
     @staticmethod
     def _read_input(path: Path, kind: str):
@@ -301,33 +356,53 @@ class TaskStore:
             task.outcome, task.message = outcome.value, message
         self._save(task)
         if task.deleted and task.output_name:
-            (self.tasks_dir / task.uid / task.output_name).unlink(missing_ok=True)
+            (self.folder(task.uid) / task.output_name).unlink(missing_ok=True)
         log.info(
             "task %s (%s, %s): model done, outcome %s, %s DICOM input file(s)",
             task.uid, task.protocol, task.model, outcome.value, task.input_files,
         )
 
 
-def _output_entries(
-    task: Task, predictions: list[models.Prediction], series_count: int, evil: Evil | None, bomb_bytes: int
-) -> tuple[list[archives.Entry], bool]:
-    """The output archive's members: predictions, the junk a real model leaves, evil extras."""
+def _model_outputs(task: Task, predictions: list[models.Prediction], series_count: int) -> list[archives.Entry]:
+    """What a model writes into its output folder: predictions and the junk real models leave
+    (a log, a NIfTI mask), at the top, and an intermediate file in a sub-folder."""
     log_text = (
         f"ISDR InferenceServer emulator\n"
         f"task {task.uid} model {task.model} protocol {task.protocol}\n"
         f"{task.input_files} DICOM input file(s) in {series_count} series, "
         f"{task.skipped_files} non-DICOM member(s) skipped\n"
-        + "".join(f"wrote {p.name}\n" for p in predictions)
+        + "".join(f"wrote {Path(p.name).name}\n" for p in predictions)
     )
-    entries = [
-        archives.Entry("predictions/", "dir"),
-        *(archives.file_entry(p.name, p.data) for p in predictions),
+    return [
+        *(archives.file_entry(Path(p.name).name, p.data) for p in predictions),
         archives.file_entry("log.txt", log_text.encode()),
         # Real models also leave NIfTI masks behind; clients must skip non-DICOM files.
-        archives.file_entry("predictions/mask.nii.gz", _fake_nifti()),
+        archives.file_entry("mask.nii.gz", _fake_nifti()),
+        archives.file_entry("intermediate/probabilities.npy", b"\x93NUMPY emulated"),
     ]
+
+
+def _output_entries(
+    task: Task, outputs: list[archives.Entry], evil: Evil | None, bomb_bytes: int
+) -> tuple[list[archives.Entry], bool]:
+    """The output archive's members, as each release packs the model's output folder.
+
+    v1 zips the top-level files only: a sub-folder becomes a bare directory entry (its files are
+    lost), and a model that wrote nothing gets one file, no_output_files_found.error. v2 tars the
+    top-level files, flat, plus an empty container.log. Evil models add their hostile entries.
+    """
+    top = [e for e in outputs if "/" not in e.name]
+    folders = sorted({e.name.split("/", 1)[0] + "/" for e in outputs if "/" in e.name})
+    if task.protocol == V1:
+        entries = top + [archives.Entry(folder, "dir") for folder in folders]
+        if not top:
+            entries = [archives.file_entry(NO_OUTPUT_MARKER, b"no output files found\n")]
+    else:
+        entries = top + [archives.file_entry("container.log", b"")]
     compress = False
-    first = predictions[0].data
+    if evil is None:
+        return entries, compress
+    first = next(e.data for e in top if e.name.endswith(".dcm"))
     if evil is Evil.DOTDOT:
         entries += [
             archives.file_entry("../../escaped.dcm", first),
