@@ -141,7 +141,8 @@ class TaskRunner:
                 client = metrics.ObservedInferenceClient(make_client(
                     server,
                     ClientSettings(ca_bundle=server.ca_bundle or self.settings.ca_bundle,
-                                   post_timeout=self.settings.post_timeout),
+                                   post_timeout=self.settings.post_timeout,
+                                   max_download_bytes=self.settings.max_output_bytes),
                     download_dir=work,
                 ))
                 if state.inference_uid is None:
