@@ -104,6 +104,7 @@ def test_file_names_built_from_a_uid_are_harmless_with_a_leading_dash_or_undersc
     "body, message",
     [
         (b'{"detail": "model not found"}', "model not found"),
+        (b'{"detail": {"detail": "task not found"}}', "task not found"),  # v1 nests its message
         (b'{"detail": [{"loc": ["query"], "msg": "field required"}]}', '[{"loc": ["query"], "msg": "field required"}]'),
         (b'"just a string"', "just a string"),
         (b"plain text\r\nforged log line", "plain text  forged log line"),

@@ -36,6 +36,14 @@ def emulators(tmp_path):
         emulator.stop()
 
 
+def send_a_series_through(relay, emulator, model: str, protocol: str, pacs, tmp_path) -> None:
+    """Start `relay` with one fingerprint (CT to `model` on `emulator`) and send it a CT series."""
+    url = emulator.v1_tasks_url if protocol == "v1" else emulator.base_url
+    relay.add_manifest(manifest("ct", url, model, pacs, protocol=protocol))
+    relay.start()
+    send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+
+
 @pytest.mark.parametrize("protocol, prefix", [("v1", "-"), ("v2", "_")])
 def test_a_task_uid_starting_with_dash_or_underscore_is_delivered_and_deleted(
         tmp_path, emulators, pacs, relays, protocol, prefix):
@@ -61,6 +69,19 @@ def test_a_task_uid_starting_with_dash_or_underscore_is_delivered_and_deleted(
     if protocol == "v1":
         assert stats["delete_answers"] == {"500": 1}
         assert "as every v1.2 delete does; the task is gone" in log
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_a_model_that_writes_nothing_is_a_success_with_no_predictions(tmp_path, emulators, pacs, relays, protocol):
+    # v1 sends a zip holding only no_output_files_found.error, v2 a tar holding an empty container.log.
+    emulator = emulators(delay=0.2)
+    relay = relays()
+    send_a_series_through(relay, emulator, "no-output", protocol, pacs, tmp_path)
+
+    log = relay.wait_for_log(r"task succeeded", timeout=60)
+    assert "received 0 predictions" in log
+    wait_until(lambda: emulator.stats()["deletes"] == 1, what="delete")
+    assert pacs.files() == []
 
 
 def test_a_v2_task_the_server_lost_fails_after_the_grace_period_not_after_get_timeout(
@@ -116,10 +137,7 @@ def test_a_v2_base_url_ending_in_api_tasks_is_used_with_a_warning(tmp_path, emul
 def test_a_slow_drip_download_fails_the_task_at_get_timeout(tmp_path, emulators, pacs, relays, protocol):
     emulator = emulators("--drip-rate", "50", delay=0.2)
     relay = relays(env={"GET_TIMEOUT": "8"})
-    url = emulator.v1_tasks_url if protocol == "v1" else emulator.base_url
-    relay.add_manifest(manifest("ct", url, "drip", pacs, protocol=protocol))
-    relay.start()
-    send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+    send_a_series_through(relay, emulator, "drip", protocol, pacs, tmp_path)
 
     # The output (several kB at 50 bytes per second) would take minutes.
     log = relay.wait_for_log(r"task failed: task \S+ timed out after \d+s \(GET_TIMEOUT 8s\)", timeout=60)
@@ -133,10 +151,7 @@ def test_a_slow_drip_download_fails_the_task_at_get_timeout(tmp_path, emulators,
 def test_a_gzip_bomb_download_is_refused_at_max_output_bytes(tmp_path, emulators, pacs, relays, protocol):
     emulator = emulators("--bomb-bytes", str(256 * MB), delay=0.2)
     relay = relays(env={"MAX_OUTPUT_BYTES": str(MB)})
-    url = emulator.v1_tasks_url if protocol == "v1" else emulator.base_url
-    relay.add_manifest(manifest("ct", url, "gzip-bomb", pacs, protocol=protocol))
-    relay.start()
-    send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+    send_a_series_through(relay, emulator, "gzip-bomb", protocol, pacs, tmp_path)
 
     relay.wait_for_log(r"task failed: .*output exceeds the limit of 1048576 bytes", timeout=60)
     assert pacs.files() == []
