@@ -255,7 +255,8 @@ class CountingSink:
 class ObservedInferenceClient:
     """An InferenceClient that counts failed requests and submits that may run a model twice.
 
-    A poll answered with a transient error (state 'error') counts as a failed request too. A submit
+    A poll answered with a transient error (state 'error', or v2's 500 'gone') counts as a failed
+    request too. A submit
     that follows a submit whose failure says it may have reached the server (`maybe_accepted`) is
     a possible duplicate: that task may now exist twice on the server."""
 
@@ -274,13 +275,13 @@ class ObservedInferenceClient:
             raise
         return uid
 
-    def poll(self, uid):
+    def poll(self, uid, *args, **kwargs):
         try:
-            result = self.client.poll(uid)
+            result = self.client.poll(uid, *args, **kwargs)
         except Exception:
             inference_error("poll")
             raise
-        if getattr(result, "state", None) == "error":
+        if getattr(result, "state", None) in ("error", "gone"):
             inference_error("poll")
         return result
 

@@ -183,6 +183,21 @@ def test_failed_inference_requests_are_counted_by_operation():
     assert client.archive_format() == "zip"
 
 
+def test_a_polls_time_limit_reaches_the_client_and_v2s_500_counts_as_a_failed_poll():
+    seen = []
+
+    class Limited(_Client):
+        def poll(self, uid, time_limit=None):
+            seen.append(time_limit)
+            return super().poll(uid)
+
+    client = metrics.ObservedInferenceClient(Limited(polls=[PollResult("gone", None, "500", 500)]))
+    before = value("isdr_inference_errors_total", operation="poll")
+    assert client.poll("uid-3", time_limit=42.0).state == "gone"
+    assert seen == [42.0]
+    assert value("isdr_inference_errors_total", operation="poll") - before == 1
+
+
 def test_a_submit_after_one_that_may_have_reached_the_server_is_a_possible_duplicate():
     client = metrics.ObservedInferenceClient(_Client(submits=[
         ServerUnavailable("read timed out", None, maybe_accepted=True), "uid-2"]))
