@@ -340,7 +340,12 @@ class ServiceProxy:
             else:
                 address = None
             if wanted and uid not in self.services:
-                self.services[uid] = self._open(meta["namespace"], meta["name"], spec, address)
+                try:
+                    self.services[uid] = self._open(meta["namespace"], meta["name"], spec, address)
+                except OSError as exc:  # as kube-proxy: one Service that cannot be set up spares the others
+                    log.warning("service %s/%s: cannot listen for it (%s; a process on this machine listening on "
+                                "all addresses at one of its ports?); its name does not resolve in pods",
+                                meta["namespace"], meta["name"], exc)
         self._changed()
 
     def forget_missing(self, present: set[str]) -> None:

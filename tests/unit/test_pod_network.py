@@ -3,9 +3,10 @@ move to host ports, and what a pod's /etc/hosts says."""
 
 from __future__ import annotations
 
+import socket
 from itertools import count
 
-from tests.support.pod_network import PodPorts, hosts_file_text
+from tests.support.pod_network import PodPorts, ServiceProxy, hosts_file_text
 
 RECEIVER = {"name": "receiver", "ports": [{"name": "dicom", "containerPort": 11112},
                                           {"name": "health", "containerPort": 8080},
@@ -62,3 +63,23 @@ def test_the_pods_hosts_file_names_services_as_the_cluster_dns_and_search_domain
             "isdr-receiver") in lines
     assert "127.80.3.4\tminio.storage.svc.cluster.local minio.storage.svc minio.storage" in lines, \
         "another namespace's Service has no short name"
+
+
+def test_a_service_whose_port_is_taken_on_every_address_spares_the_other_services(tmp_path):
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))  # another program listening on all addresses, as a relay's metrics port would
+    taken.listen()
+    busy_port = taken.getsockname()[1]
+    proxy = ServiceProxy(lambda _ns, _selector, _not_ready: [], tmp_path / "services.json")
+
+    def service(uid: str, name: str, port: int) -> dict:
+        return {"metadata": {"uid": uid, "namespace": "ns", "name": name},
+                "spec": {"selector": {"app": name}, "ports": [{"port": port}]}}
+
+    try:
+        proxy.handle("ADDED", service("a", "metrics", busy_port))
+        proxy.handle("ADDED", service("b", "receiver", 0))
+        assert set(proxy.addresses()) == {("ns", "receiver")}
+    finally:
+        proxy.stop()
+        taken.close()
