@@ -105,7 +105,10 @@ class Settings:
     post_interval: float = 1.0  # how often the scheduler looks at series, seconds
     post_after: float = 10.0  # a series is complete after this long without a new instance
     delete_on_post: bool = True  # delete a series' instances once its tasks are done
-    late_instance_policy: str = "ignore"  # ignore | rerun: instances after a dispatch
+    # Instances after a dispatch: reopen (a new SOP Instance UID runs the series again, a re-sent
+    # one is a duplicate) | ignore | rerun. The original's default was ignore, which left an
+    # incomplete series' missing instances unrun (and deleted them with the rest).
+    late_instance_policy: str = "reopen"
     # How long a finished series is remembered (so that a late instance is recognised as late).
     series_retention: float = 3600.0
 
@@ -124,6 +127,9 @@ class Settings:
 
     # --- all-in-one runner ---
     workers: int = 4
+    # Where tasks keep their working copies (fetched instances, archives, predictions); default
+    # INCOMING_DIR/work. Never the system's temporary folder: it holds patient data.
+    work_dir: Path | None = None
 
     # --- watching it run ---
     # Prometheus metrics at http://<host>:METRICS_PORT/metrics (isdr run, isdr scp, isdr operator);
@@ -138,6 +144,11 @@ class Settings:
     @property
     def calling_ae_title(self) -> str:
         return self.delivery_ae_title or self.scp_ae_title
+
+    @property
+    def task_work_root(self) -> Path:
+        """The folder holding one working folder per running task (WORK_DIR)."""
+        return self.work_dir if self.work_dir is not None else self.incoming_dir / "work"
 
 
 # Environment variable -> (field, parser). Parsers take (name, raw).
@@ -184,6 +195,7 @@ _ENV = {
     "DELIVERY_TIMEOUT": ("delivery_timeout", lambda n, v: _parse_number(n, v, float, 1)),
     "DELIVERY_AE_TITLE": ("delivery_ae_title", lambda n, v: v.strip() or None),
     "WORKERS": ("workers", lambda n, v: _parse_number(n, v, int, 1)),
+    "WORK_DIR": ("work_dir", lambda n, v: Path(v) if v.strip() else None),
     "METRICS_PORT": ("metrics_port", lambda n, v: _parse_number(n, v, int, 0)),
     "HEALTH_PORT": ("health_port", lambda n, v: _parse_number(n, v, int, 0)),
 }
@@ -210,10 +222,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
 
 def lifecycle_rules(settings: Settings):
     """The life-cycle rules these settings ask for (shared by isdr run and the operator)."""
-    from relay.lifecycle import Rules
+    from relay.lifecycle import LatePolicy, Rules
 
     return Rules(post_after=settings.post_after, delete_on_post=settings.delete_on_post,
-                 late_instance_policy=settings.late_instance_policy,
+                 late_instance_policy=LatePolicy(settings.late_instance_policy),
                  forget_after=settings.series_retention)
 
 
@@ -230,8 +242,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"STORAGE={settings.storage!r}: expected local or s3")
     if settings.storage == "s3" and not settings.s3_bucket:
         raise ConfigError("STORAGE=s3 needs S3_BUCKET")
-    if settings.late_instance_policy not in ("ignore", "rerun"):
-        raise ConfigError(f"LATE_INSTANCE_POLICY={settings.late_instance_policy!r}: expected ignore or rerun")
+    if settings.late_instance_policy not in ("reopen", "ignore", "rerun"):
+        raise ConfigError(
+            f"LATE_INSTANCE_POLICY={settings.late_instance_policy!r}: expected reopen, ignore or rerun")
     if settings.pynetdicom_log_level not in ("none", "normal", "debug"):
         raise ConfigError(
             f"PYNETDICOM_LOG_LEVEL={settings.pynetdicom_log_level!r}: expected none, normal or debug"

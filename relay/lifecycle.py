@@ -1,12 +1,27 @@
-r"""The series life cycle, as plain functions over plain data.
+r"""The series life cycle, as plain functions over plain data: every rule of it lives here.
 
-    Receiving --(quiet for POST_AFTER)--> Unmatched (forgotten, instances deleted)
-                                      \-> Dispatched (one task per matching fingerprint)
-    Dispatched --(every task finished)--> Succeeded | Failed --> cleaned up --> forgotten
+    Receiving --(quiet for POST_AFTER)--> dropped (no fingerprint matches: its instances deleted)
+        |                             \-> Dispatched #g (one task per matching fingerprint)
+        |                                     |
+        |                     (every task finished)
+        |                                     v
+        |                         Succeeded | Failed --> cleaned up --> forgotten (SERIES_RETENTION)
+        |                                     |
+        +<--- a new SOP Instance UID after a dispatch (LATE_INSTANCE_POLICY=reopen, the default),
+              or any arrival (rerun): the series re-opens, and is dispatched again (#g+1, with all
+              its instances) once it is quiet again
 
-Nothing here does I/O or reads a clock: the drivers (the all-in-one runner, the Kubernetes
-operator) pass in the state, the fingerprints and the time, persist what comes back and carry out
-the step. That keeps the rules identical in both modes and testable without a cluster.
+Storage is the truth. What the receiver acknowledged is in storage; counts and timestamps in a
+state document or a custom resource are caches of it. When a decision needs the facts (which SOP
+Instance UIDs are stored), the rules ask the driver to list them (`ListStorage`) instead of
+trusting a count. Nothing acknowledged is deleted before it was part of a dispatch whose tasks all
+finished, except by two rules that say so: an unmatched series, and instances kept by
+LATE_INSTANCE_POLICY=ignore once SERIES_RETENTION has passed (logged at WARNING).
+
+Nothing here does I/O or reads a clock: the drivers (`isdr run`'s runner, the Kubernetes
+operator) read the state, ask `next_step`, persist what the matching `apply_*` returns, and carry
+the step out. The rules of one task (submit at most once, a finished task stays finished) are
+here too, for the task pipeline and the operator's view of Jobs.
 """
 
 from __future__ import annotations
@@ -14,30 +29,39 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from enum import StrEnum
+from typing import Callable, Iterable, Sequence
 
 from relay.fingerprints.model import Fingerprint, SeriesAttributes
 from relay.uids import SeriesKey
 
-# Series phases.
-RECEIVING = "Receiving"
-DISPATCHED = "Dispatched"
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-UNMATCHED = "Unmatched"
 
-# Task phases.
-TASK_PENDING = "Pending"  # created, nothing sent yet
-TASK_SUBMITTING = "Submitting"  # the series is being posted; the outcome may be unknown after a crash
-TASK_RUNNING = "Running"  # accepted by the InferenceServer (uid recorded), being polled
-TASK_DELIVERING = "Delivering"  # predictions received, being stored to the destinations
-TASK_SUCCEEDED = "Succeeded"
-TASK_FAILED = "Failed"
-TERMINAL_TASK_PHASES = frozenset({TASK_SUCCEEDED, TASK_FAILED})
+class SeriesPhase(StrEnum):
+    RECEIVING = "Receiving"
+    DISPATCHED = "Dispatched"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    UNMATCHED = "Unmatched"  # only ever reported: an unmatched series is dropped
 
-# What to do with instances that arrive after a series was dispatched.
-LATE_IGNORE = "ignore"  # keep the acknowledged instances, log them, do not run again
-LATE_RERUN = "rerun"  # re-open the series; when quiet again it is matched and run again
+
+class TaskPhase(StrEnum):
+    PENDING = "Pending"  # created, nothing sent yet
+    SUBMITTING = "Submitting"  # a submit is under way; its outcome is unknown until the uid is recorded
+    RUNNING = "Running"  # accepted by the InferenceServer (uid recorded), being polled
+    DELIVERING = "Delivering"  # predictions received, being stored to the destinations
+    SUCCEEDED = "Succeeded"  # every destination accepted the predictions: final, whatever happens next
+    FAILED = "Failed"
+
+
+TERMINAL_TASK_PHASES = frozenset({TaskPhase.SUCCEEDED, TaskPhase.FAILED})
+
+
+class LatePolicy(StrEnum):
+    """What instances that arrive after a dispatch do (LATE_INSTANCE_POLICY)."""
+
+    REOPEN = "reopen"  # a new SOP Instance UID re-opens the series; a re-sent one is a duplicate
+    IGNORE = "ignore"  # kept until SERIES_RETENTION, logged, never run
+    RERUN = "rerun"  # any arrival, a re-sent instance too, re-opens the series
 
 
 @dataclass(frozen=True)
@@ -45,11 +69,16 @@ class TaskState:
     task_id: str
     fingerprint: str
     generation: int
-    phase: str = TASK_PENDING
+    phase: TaskPhase = TaskPhase.PENDING
     inference_uid: str | None = None
     submitted_at: float | None = None
+    # Submits sent whose answer never came (a crash, a time-out after the upload): each may have
+    # created a task on the server under a uid we never learnt. See submit_decision.
+    unknown_submits: int = 0
     # Destination ("AE@host:port") -> SOP Instance UIDs it accepted; a retry skips those.
     delivered: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Succeeded, and the remote task is still to be deleted (best effort, resumed after a crash).
+    remote_delete_pending: bool = False
     message: str = ""
     updated_at: float = 0.0
 
@@ -57,33 +86,71 @@ class TaskState:
     def finished(self) -> bool:
         return self.phase in TERMINAL_TASK_PHASES
 
+    @property
+    def needs_work(self) -> bool:
+        """Something is left to do for it: running it, or the best-effort remote delete."""
+        return not self.finished or self.remote_delete_pending
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """One dispatch of a series: its generation, the SOP Instance UIDs it sent, and when."""
+
+    generation: int
+    instances: tuple[str, ...]
+    at: float
+
 
 @dataclass(frozen=True)
 class SeriesState:
     key: SeriesKey
     attributes: SeriesAttributes
-    phase: str = RECEIVING
+    phase: SeriesPhase = SeriesPhase.RECEIVING
     first_received: float = 0.0
-    last_received: float = 0.0
-    instance_count: int = 0  # instances received (a re-sent instance counts once per arrival)
+    last_received: float = 0.0  # the newest arrival (the receiver's clock, or a stored file's time)
+    instance_count: int = 0  # instances in storage, as last counted
+    # SOP Instance UIDs in storage, when the driver knows them (None: not listed; see ListStorage).
+    received: frozenset[str] | None = None
     generation: int = 0  # how many times the series was dispatched
-    dispatched_instances: tuple[str, ...] = ()  # SOP Instance UIDs in the latest dispatch
-    late_instances: int = 0
+    dispatches: tuple[Dispatched, ...] = ()
+    # last_received up to which arrivals after a dispatch were looked at: a later one is news.
+    arrivals_seen: float = 0.0
+    late_instances: int = 0  # stored, never dispatched, kept (LATE_INSTANCE_POLICY=ignore)
     tasks: tuple[TaskState, ...] = ()
     finished_at: float | None = None
-    cleaned: bool = False  # instances deleted from storage
+    cleaned: bool = False  # the dispatched instances were deleted (or kept, as the rules say)
 
     @property
     def active_tasks(self) -> tuple[TaskState, ...]:
         return tuple(task for task in self.tasks if not task.finished)
+
+    @property
+    def dispatched_uids(self) -> frozenset[str]:
+        return frozenset(uid for dispatch in self.dispatches for uid in dispatch.instances)
+
+    @property
+    def undispatched(self) -> frozenset[str]:
+        """Stored instances no dispatch sent (empty when the stored ones are not known)."""
+        return (self.received or frozenset()) - self.dispatched_uids
+
+    def instances_of(self, generation: int) -> tuple[str, ...]:
+        """The SOP Instance UIDs dispatch #generation sent (its tasks send exactly these)."""
+        for dispatch in self.dispatches:
+            if dispatch.generation == generation:
+                return dispatch.instances
+        return ()
+
+    def task(self, task_id: str) -> TaskState | None:
+        return next((task for task in self.tasks if task.task_id == task_id), None)
 
 
 @dataclass(frozen=True)
 class Rules:
     post_after: float = 10.0
     delete_on_post: bool = True
-    late_instance_policy: str = LATE_IGNORE
-    # How long a finished, cleaned-up series is remembered, so that a late instance is recognised.
+    late_instance_policy: LatePolicy = LatePolicy.REOPEN
+    # How long a finished, cleaned-up series is remembered, so that an instance re-sent later is
+    # recognised as a duplicate (and ignored late instances are kept).
     forget_after: float = 3600.0
 
 
@@ -92,150 +159,321 @@ class Rules:
 
 @dataclass(frozen=True)
 class Wait:
-    until: float | None = None  # None: nothing will happen by itself
+    until: float | None = None  # None: nothing happens by itself; an event brings the series back
+
+
+@dataclass(frozen=True)
+class ListStorage:
+    """The decision needs the facts: list the series' stored instances (`with_stored`), ask again."""
 
 
 @dataclass(frozen=True)
 class Dispatch:
     fingerprints: tuple[str, ...]
     generation: int
+    instances: tuple[str, ...]  # every stored instance, all sent by each task of this generation
+
+
+@dataclass(frozen=True)
+class Reopen:
+    """Instances arrived after the dispatch and the policy runs the series again when quiet."""
+
+    new_instances: int  # of which never dispatched
+
+
+@dataclass(frozen=True)
+class NoteArrivals:
+    """Instances arrived after the dispatch and run nothing: duplicates, or kept by `ignore`."""
+
+    late_instances: int  # stored and never dispatched (kept by LATE_INSTANCE_POLICY=ignore)
 
 
 @dataclass(frozen=True)
 class DropUnmatched:
-    """No fingerprint matches: delete the instances and forget the series."""
+    """No fingerprint matches: delete these instances and forget the series."""
+
+    instances: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Finish:
-    phase: str  # SUCCEEDED or FAILED
+    phase: SeriesPhase  # SUCCEEDED or FAILED
 
 
 @dataclass(frozen=True)
 class Cleanup:
-    delete_instances: bool
+    delete: tuple[str, ...]  # instances to delete from storage (dispatched ones only; may be none)
 
 
-Step = Wait | Dispatch | DropUnmatched | Finish | Cleanup
+@dataclass(frozen=True)
+class Forget:
+    """The series is done with: forget it. `delete` is what is left in storage: instances that
+    arrived after the dispatch and were never run (LATE_INSTANCE_POLICY=ignore), or none."""
+
+    delete: tuple[str, ...]
 
 
-# --- Rules -----------------------------------------------------------------------------------
+Step = Wait | ListStorage | Dispatch | Reopen | NoteArrivals | DropUnmatched | Finish | Cleanup | Forget
+
+Matcher = Callable[[Sequence[Fingerprint], SeriesAttributes], Sequence[Fingerprint]]
 
 
-def on_instance(
-    series: SeriesState | None,
-    key: SeriesKey,
-    attributes: SeriesAttributes,
-    sop_instance_uid: str,
-    now: float,
-    rules: Rules,
-) -> tuple[SeriesState, str | None]:
-    """A durable instance arrived. Returns the new state and, for a late instance, a note why."""
+# --- Facts -----------------------------------------------------------------------------------
+
+
+def new_series(key: SeriesKey, attributes: SeriesAttributes, now: float) -> SeriesState:
+    return SeriesState(key=key, attributes=attributes, first_received=now, last_received=now,
+                       received=frozenset())
+
+
+def on_instance(series: SeriesState | None, key: SeriesKey, attributes: SeriesAttributes,
+                sop_instance_uid: str, received_at: float) -> SeriesState:
+    """A durable instance arrived. Only a fact: what it means is next_step's business."""
     if series is None:
-        return (
-            SeriesState(key=key, attributes=attributes, phase=RECEIVING, first_received=now,
-                        last_received=now, instance_count=1),
-            None,
-        )
-    if series.phase == RECEIVING:
-        return replace(series, instance_count=series.instance_count + 1, last_received=now), None
-    return on_late_instances(series, 1, now, rules)
+        series = new_series(key, attributes, received_at)
+    received = (series.received or frozenset()) | {sop_instance_uid}
+    return replace(series, received=received, instance_count=len(received),
+                   first_received=min(series.first_received or received_at, received_at),
+                   last_received=max(series.last_received, received_at))
 
 
-def on_late_instances(series: SeriesState, count: int, now: float, rules: Rules
-                      ) -> tuple[SeriesState, str]:
-    """`count` instances arrived after the series was dispatched (or finished)."""
-    counted = replace(series, instance_count=series.instance_count + count, last_received=now,
-                      late_instances=series.late_instances + count, cleaned=False)
-    if rules.late_instance_policy == LATE_RERUN:
-        reopened = replace(counted, phase=RECEIVING, finished_at=None)
-        return reopened, (
-            f"{count} instance(s) arrived after dispatch #{series.generation}: series re-opened "
-            "(LATE_INSTANCE_POLICY=rerun), it will be matched again when quiet"
-        )
-    return counted, (
-        f"{count} instance(s) arrived after dispatch #{series.generation}: kept but not run again "
-        "(LATE_INSTANCE_POLICY=ignore)"
-    )
+def with_stored(series: SeriesState, instances: Iterable[str], newest: float | None) -> SeriesState:
+    """The series with what storage holds: its SOP Instance UIDs and the newest one's time.
+
+    A stored instance newer than anything the state knows (its receiver was killed before it
+    could report it) counts as an arrival at that time."""
+    received = frozenset(instances)
+    last = series.last_received if newest is None else max(series.last_received, newest)
+    return replace(series, received=received, instance_count=len(received), last_received=last)
 
 
-def next_step(series: SeriesState, fingerprints: Sequence[Fingerprint], now: float,
-              rules: Rules, matcher) -> Step:
+# --- The rules -------------------------------------------------------------------------------
+
+
+def next_step(series: SeriesState, fingerprints: Sequence[Fingerprint], now: float, rules: Rules,
+              matcher: Matcher) -> Step:
     """What should happen to `series` now. `matcher(fingerprints, attributes)` -> matching ones."""
-    if series.phase == RECEIVING:
-        complete_at = series.last_received + rules.post_after
-        if now < complete_at:
-            return Wait(until=complete_at)
-        matches = matcher(fingerprints, series.attributes)
-        if matches:
-            return Dispatch(fingerprints=tuple(sorted(fp.name for fp in matches)),
-                            generation=series.generation + 1)
-        if series.active_tasks or series.tasks:
-            # A re-opened series that no longer matches: its earlier tasks decide its end.
-            return _finish_or_wait(series, rules, now)
-        return DropUnmatched()
-    if series.phase == DISPATCHED:
-        return _finish_or_wait(series, rules, now)
-    if series.phase in (SUCCEEDED, FAILED):
-        if not series.cleaned:
-            return Cleanup(delete_instances=rules.delete_on_post and series.phase == SUCCEEDED)
+    if series.phase == SeriesPhase.RECEIVING:
+        return _receiving(series, fingerprints, now, rules, matcher)
+    if series.last_received > series.arrivals_seen:
+        return _arrivals_after_dispatch(series, rules)
+    if series.phase == SeriesPhase.DISPATCHED:
+        return _finish_or_wait(series)
+    if not series.cleaned:
+        if series.received is None:
+            return ListStorage()
+        if rules.delete_on_post and series.phase == SeriesPhase.SUCCEEDED:
+            return Cleanup(delete=tuple(sorted(series.received & series.dispatched_uids)))
+        return Cleanup(delete=())  # a failed series keeps its instances, for a re-send or a look
+    forget_at = _forget_at(series, rules)
+    if forget_at is None:
         return Wait()
-    return Wait()
+    if now < forget_at:
+        return Wait(until=forget_at)
+    if series.received is None:
+        return ListStorage()
+    return Forget(delete=tuple(sorted(series.received)))
 
 
-def _finish_or_wait(series: SeriesState, rules: Rules, now: float) -> Step:
+def _receiving(series, fingerprints, now, rules, matcher) -> Step:
+    complete_at = series.last_received + rules.post_after
+    if now < complete_at:
+        return Wait(until=complete_at)
+    if series.received is None:
+        return ListStorage()  # the dispatch sends what storage holds, not what a count says
+    if not series.received:
+        return Forget(delete=())  # nothing stored (deleted by hand?): nothing to run
+    matches = matcher(fingerprints, series.attributes)
+    if matches:
+        return Dispatch(fingerprints=tuple(sorted(fp.name for fp in matches)),
+                        generation=series.generation + 1, instances=tuple(sorted(series.received)))
+    if series.tasks:
+        # Re-opened, but no fingerprint matches any more: its earlier tasks decide its end, and
+        # the instances that re-opened it are kept like ignored late ones.
+        if series.active_tasks:
+            return Wait()
+        return Finish(phase=_outcome(series.tasks))
+    return DropUnmatched(instances=tuple(sorted(series.received)))
+
+
+def _arrivals_after_dispatch(series: SeriesState, rules: Rules) -> Step:
+    if series.received is None:
+        return ListStorage()
+    new = series.undispatched
+    policy = rules.late_instance_policy
+    if policy == LatePolicy.RERUN or (policy == LatePolicy.REOPEN and new):
+        return Reopen(new_instances=len(new))
+    return NoteArrivals(late_instances=len(new))
+
+
+def _finish_or_wait(series: SeriesState) -> Step:
     if series.active_tasks:
         return Wait()
-    failed = any(task.phase == TASK_FAILED for task in _latest_tasks(series.tasks))
-    return Finish(phase=FAILED if failed else SUCCEEDED)
+    return Finish(phase=_outcome(series.tasks))
 
 
-def _latest_tasks(tasks: Iterable[TaskState]) -> list[TaskState]:
-    """The newest task of each fingerprint: a re-run that succeeded supersedes a failed one."""
+def _outcome(tasks: Iterable[TaskState]) -> SeriesPhase:
+    """Failed if the newest task of any fingerprint failed: a re-run that succeeded supersedes an
+    earlier failure of the same fingerprint."""
     latest: dict[str, TaskState] = {}
     for task in tasks:
         if task.fingerprint not in latest or task.generation >= latest[task.fingerprint].generation:
             latest[task.fingerprint] = task
-    return list(latest.values())
+    failed = any(task.phase == TaskPhase.FAILED for task in latest.values())
+    return SeriesPhase.FAILED if failed else SeriesPhase.SUCCEEDED
 
 
-def apply_dispatch(series: SeriesState, step: Dispatch, instance_uids: Iterable[str],
-                   now: float) -> SeriesState:
-    """The series after a dispatch: one new Pending task per fingerprint."""
+def _forget_at(series: SeriesState, rules: Rules) -> float | None:
+    """When a finished series may be forgotten (None: never, its instances are kept). Only a
+    succeeded series whose instances are deleted once done is forgotten: one whose instances are
+    kept is remembered, or a restart would find them and take them for a new series."""
+    if (series.phase != SeriesPhase.SUCCEEDED or not rules.delete_on_post or not series.cleaned
+            or series.finished_at is None or any(task.needs_work for task in series.tasks)):
+        return None
+    return series.finished_at + rules.forget_after
+
+
+# --- The state after each step ---------------------------------------------------------------
+
+
+def apply_dispatch(series: SeriesState, step: Dispatch, now: float) -> SeriesState:
+    """One new Pending task per fingerprint, sending `step.instances`."""
     new_tasks = tuple(
         TaskState(task_id=task_id(series.key, name, step.generation), fingerprint=name,
                   generation=step.generation, updated_at=now)
         for name in step.fingerprints
     )
-    return replace(series, phase=DISPATCHED, generation=step.generation,
-                   dispatched_instances=tuple(sorted(instance_uids)),
-                   tasks=series.tasks + new_tasks, finished_at=None, cleaned=False)
+    return replace(series, phase=SeriesPhase.DISPATCHED, generation=step.generation,
+                   dispatches=series.dispatches + (Dispatched(step.generation, step.instances, now),),
+                   tasks=series.tasks + new_tasks, arrivals_seen=series.last_received,
+                   late_instances=0, finished_at=None, cleaned=False)
+
+
+def apply_reopen(series: SeriesState, step: Reopen) -> SeriesState:
+    return replace(series, phase=SeriesPhase.RECEIVING, arrivals_seen=series.last_received,
+                   late_instances=0, finished_at=None, cleaned=False)
+
+
+def apply_note_arrivals(series: SeriesState, step: NoteArrivals) -> SeriesState:
+    # A re-sent instance of a cleaned-up series is in storage again: clean up again.
+    return replace(series, arrivals_seen=series.last_received, late_instances=step.late_instances,
+                   cleaned=False)
 
 
 def apply_finish(series: SeriesState, step: Finish, now: float) -> SeriesState:
     return replace(series, phase=step.phase, finished_at=now)
 
 
-def apply_cleanup(series: SeriesState) -> SeriesState:
-    return replace(series, cleaned=True)
-
-
-def can_forget(series: SeriesState, now: float, rules: Rules) -> bool:
-    """A finished series whose instances were deleted can be forgotten after a while; one whose
-    instances are kept cannot, or a restart would find them and take them for a new series."""
-    return (
-        series.phase == SUCCEEDED
-        and series.cleaned
-        and rules.delete_on_post
-        and not series.active_tasks
-        and series.finished_at is not None
-        and now - series.finished_at >= rules.forget_after
-    )
+def apply_cleanup(series: SeriesState, step: Cleanup) -> SeriesState:
+    received = None if series.received is None else series.received - frozenset(step.delete)
+    count = series.instance_count - len(step.delete) if received is None else len(received)
+    return replace(series, cleaned=True, received=received, instance_count=max(0, count))
 
 
 def update_task(series: SeriesState, task: TaskState) -> SeriesState:
     tasks = tuple(task if existing.task_id == task.task_id else existing for existing in series.tasks)
     return replace(series, tasks=tasks)
+
+
+# --- What the drivers say about a step (one wording in both modes) ------------------------------
+
+
+def arrivals_note(series: SeriesState, step: Reopen | NoteArrivals, rules: Rules) -> str:
+    policy = rules.late_instance_policy
+    after = f"after dispatch #{series.generation}"
+    if isinstance(step, Reopen):
+        if step.new_instances:
+            what = f"{step.new_instances} new instance(s) arrived {after}"
+        else:
+            what = f"instance(s) were sent again {after}"
+        return (f"{what}: series re-opened (LATE_INSTANCE_POLICY={policy}); it is dispatched again, "
+                "with all its instances, once quiet")
+    if step.late_instances:
+        return (f"{step.late_instances} instance(s) arrived {after}: kept but not run "
+                f"(LATE_INSTANCE_POLICY={policy}); deleted {rules.forget_after:.0f}s after the series "
+                "finished (SERIES_RETENTION)")
+    return f"instance(s) sent again {after} were already dispatched: duplicates, nothing runs again"
+
+
+def forget_note(step: Forget) -> str:
+    return (f"deleted {len(step.delete)} instance(s) that arrived after the dispatch and were never run "
+            "(LATE_INSTANCE_POLICY=ignore), SERIES_RETENTION after the series finished")
+
+
+def progress(tasks: Iterable[TaskState]) -> str:
+    """'<succeeded>/<total>' tasks of the latest dispatch (the Tasks printer column)."""
+    tasks = list(tasks)
+    if not tasks:
+        return ""
+    latest = max(task.generation for task in tasks)
+    current = [task for task in tasks if task.generation == latest]
+    return f"{sum(task.phase == TaskPhase.SUCCEEDED for task in current)}/{len(current)}"
+
+
+# --- One task ----------------------------------------------------------------------------------
+
+
+class SubmitDecision(StrEnum):
+    SUBMIT = "submit"  # nothing was sent, or every earlier submit certainly failed
+    REPEAT = "repeat"  # one submit's outcome is unknown: send once more, as a possible duplicate
+    GIVE_UP = "give-up"  # two outcomes unknown: a third submit is not worth a third GPU run
+
+
+MAX_SUBMITS_OF_UNKNOWN_OUTCOME = 2  # the first submit and its one repeat
+
+
+def submit_decision(task: TaskState) -> SubmitDecision:
+    """Submit at most once more after an unknown outcome (a crash after the upload, an answer
+    that timed out). The InferenceServer has no idempotency key: a repeat may run the model
+    twice, never repeating may never run it. One repeat, flagged, is the compromise."""
+    if task.unknown_submits <= 0:
+        return SubmitDecision.SUBMIT
+    if task.unknown_submits < MAX_SUBMITS_OF_UNKNOWN_OUTCOME:
+        return SubmitDecision.REPEAT
+    return SubmitDecision.GIVE_UP
+
+
+def repeat_warning(task: TaskState) -> str:
+    return (f"possible duplicate: the outcome of submit #{task.unknown_submits} is unknown (the relay "
+            "stopped, or the answer never came, after the upload); the InferenceServer may already "
+            "run it under a uid we never learnt. Submitting once more, and never again")
+
+
+def give_up_message(task: TaskState) -> str:
+    return (f"the outcome of {task.unknown_submits} submits is unknown (each may have created a task "
+            "on the InferenceServer under a uid the relay never learnt); not submitting a third time")
+
+
+class JobOutcome(StrEnum):
+    """What a Kubernetes Job's conditions say (the operator's adapter reads them)."""
+
+    RUNNING = "Running"  # no final condition yet
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+def task_phase_from_job(outcome: JobOutcome, job_message: str,
+                        record: TaskState | None) -> tuple[TaskPhase, str]:
+    """A Job's task phase and message, from its conditions and the task's own record.
+
+    The record wins where it is final: a task whose predictions were delivered is Succeeded even
+    if its Job later failed (a pod killed during the remote delete, a deadline)."""
+    recorded = record.message if record else ""
+    if record is not None and record.phase == TaskPhase.SUCCEEDED:
+        return TaskPhase.SUCCEEDED, recorded
+    if outcome == JobOutcome.COMPLETE:
+        return TaskPhase.SUCCEEDED, recorded
+    if outcome == JobOutcome.FAILED or (record is not None and record.phase == TaskPhase.FAILED):
+        if job_message and job_message not in recorded:
+            recorded = f"{recorded} ({job_message})" if recorded else job_message
+        return TaskPhase.FAILED, recorded
+    return (record.phase if record else TaskPhase.PENDING), recorded
+
+
+def accept_task_phase(before: str | None, after: TaskPhase) -> bool:
+    """A finished task stays finished: a stale event (an older record, a Job event delivered
+    late) never moves a task out of Succeeded or Failed, nor between them."""
+    return before not in TERMINAL_TASK_PHASES or before == after
 
 
 _NOT_LABEL = re.compile(r"[^a-z0-9-]+")

@@ -37,19 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from relay import __version__
 from relay.endpoint import HttpEndpoint as MetricsEndpoint
-from relay.lifecycle import (
-    DISPATCHED,
-    FAILED,
-    RECEIVING,
-    SUCCEEDED,
-    TASK_DELIVERING,
-    TASK_FAILED,
-    TASK_PENDING,
-    TASK_RUNNING,
-    TASK_SUBMITTING,
-    TASK_SUCCEEDED,
-    UNMATCHED,
-)
+from relay.lifecycle import SeriesPhase, TaskPhase
 
 log = logging.getLogger("relay.metrics")
 
@@ -60,9 +48,9 @@ ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_reside
 
 # --- closed label sets -----------------------------------------------------------------------
 
-SERIES_PHASES = (RECEIVING, DISPATCHED, SUCCEEDED, FAILED, UNMATCHED)
-TASK_PHASES = (TASK_PENDING, TASK_SUBMITTING, TASK_RUNNING, TASK_DELIVERING, TASK_SUCCEEDED, TASK_FAILED)
-OUTCOMES = {TASK_SUCCEEDED: "succeeded", TASK_FAILED: "failed"}
+SERIES_PHASES = tuple(str(phase) for phase in SeriesPhase)
+TASK_PHASES = tuple(str(phase) for phase in TaskPhase)
+OUTCOMES = {str(TaskPhase.SUCCEEDED): "succeeded", str(TaskPhase.FAILED): "failed"}
 
 # Why an association was rejected.
 REJECT_CALLING_AE_TITLE = "calling_ae_title"  # not in SCP_ALLOWED_AE_TITLES

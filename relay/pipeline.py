@@ -2,15 +2,25 @@
 
 The same code runs in a worker of `isdr run` and in the pod of a Kubernetes Job (`isdr job`).
 Every step that must not be repeated is recorded through `save` before the next begins, so a
-task killed at any moment resumes where it was: after the InferenceServer accepted the series its
-uid is on record and polling resumes (no second submit), and a destination that accepted an
-instance is not sent it again.
+task killed at any moment resumes where it was:
+
+- the InferenceServer's uid is recorded the moment the submit's answer arrives; after that the
+  task is polled, never submitted again. A submit whose answer never came (a kill, a time-out
+  after the upload) is repeated at most once, with a warning (relay.lifecycle.submit_decision);
+- a destination that accepted an instance is not sent it again;
+- once every destination accepted the predictions the task is Succeeded, whatever happens next:
+  the remote task's deletion is best effort, and resumed after a kill.
+
+Working copies (fetched instances, archives, predictions) live in one folder per task under the
+work root (WORK_DIR, by default inside the storage root), removed when the task stops for any
+reason; what a kill leaves behind is swept at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +41,7 @@ from relay.inference.client import (
     ClientSettings,
     InferenceError,
     ServerUnavailable,
+    SubmitOutcomeUnknown,
     SubmitRejected,
     TaskFailed,
     make_client,
@@ -38,15 +49,15 @@ from relay.inference.client import (
 )
 from relay.inference.polling import PollPolicy, WaitStopped, wait_for_outputs
 from relay.lifecycle import (
-    TASK_DELIVERING,
-    TASK_FAILED,
-    TASK_RUNNING,
-    TASK_SUBMITTING,
-    TASK_SUCCEEDED,
+    SubmitDecision,
+    TaskPhase,
     TaskState,
+    give_up_message,
+    repeat_warning,
+    submit_decision,
 )
 from relay.retry import Backoff
-from relay.storage.base import Storage, StorageError
+from relay.storage.base import Storage, StorageError, StorageFull
 from relay.uids import SeriesKey
 
 log = logging.getLogger("relay.pipeline")
@@ -60,12 +71,50 @@ class DeliveryFailed(Exception):
     pass
 
 
+class SubmitGivenUp(Exception):
+    """Too many submits of unknown outcome: the task fails rather than risk another GPU run."""
+
+
+class NoSpaceForWork(Exception):
+    """The disk is full (or the work folder unusable): the task waits and is tried again later;
+    it does not fail for it."""
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+WORK_FOLDER_PREFIX = "task-"
+
+
+def work_folder(work_root: Path, task_id: str) -> Path:
+    return Path(work_root) / f"{WORK_FOLDER_PREFIX}{task_id}"
+
+
+def sweep_work_folders(work_root: Path) -> int:
+    """Remove every task work folder under `work_root` (at start: what a killed run left)."""
+    root = Path(work_root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        if folder.name.startswith(WORK_FOLDER_PREFIX) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything a task needs, as plain data."""
 
     task_id: str
     series: SeriesKey
+    generation: int
     instance_uids: tuple[str, ...]
     fingerprint: Fingerprint
 
@@ -99,6 +148,30 @@ class PipelineSettings:
         )
 
 
+class _RecordedSubmits:
+    """A client whose every submit is counted in the task's record before its upload starts, and
+    un-counted when it certainly created nothing (refused, answered 5xx): the count of submits of
+    unknown outcome survives a kill at any moment."""
+
+    def __init__(self, client, runner: "TaskRunner", state: TaskState):
+        self.client = client
+        self.runner = runner
+        self.state = state
+
+    def submit(self, archive: Path, model: str) -> str:
+        known = self.state.unknown_submits
+        self.state = self.runner._record(self.state, phase=TaskPhase.SUBMITTING, unknown_submits=known + 1)
+        try:
+            return self.client.submit(archive, model)
+        except ServerUnavailable as exc:
+            if not exc.maybe_accepted:
+                self.state = self.runner._record(self.state, unknown_submits=known)
+            raise
+        except SubmitRejected:
+            self.state = self.runner._record(self.state, unknown_submits=known)
+            raise
+
+
 class TaskRunner:
     def __init__(
         self,
@@ -106,7 +179,8 @@ class TaskRunner:
         settings: PipelineSettings,
         save: Callable[[TaskState], None],
         say: Callable[[str], None],
-        workdir: Path | None = None,
+        work_root: Path,
+        warn: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -114,7 +188,8 @@ class TaskRunner:
         self.settings = settings
         self._save = save
         self.say = say
-        self.workdir = workdir
+        self.warn = warn or say
+        self.work_root = Path(work_root)
         self.should_stop = should_stop
         self.sleep = sleep
 
@@ -134,78 +209,120 @@ class TaskRunner:
         """Run (or resume) the task; returns its final state, Succeeded or Failed.
 
         Raises Interrupted when asked to stop; the saved state is then where it resumes."""
-        server = spec.fingerprint.inference_server
+        if state.finished:
+            if state.remote_delete_pending:
+                return self._delete_remote(spec, state, self._client(spec, self.work_root))
+            return state
+        work = work_folder(self.work_root, spec.task_id)
+        shutil.rmtree(work, ignore_errors=True)  # a killed attempt's leftovers
         try:
-            with tempfile.TemporaryDirectory(prefix=f"isdr-{spec.task_id}-", dir=self.workdir) as tmp:
-                work = Path(tmp)
-                client = metrics.ObservedInferenceClient(make_client(
-                    server,
-                    ClientSettings(ca_bundle=server.ca_bundle or self.settings.ca_bundle,
-                                   post_timeout=self.settings.post_timeout,
-                                   max_download_bytes=self.settings.max_output_bytes),
-                    download_dir=work,
-                ))
-                if state.inference_uid is None:
-                    state = self._submit(spec, state, client, work)
-                else:
-                    self.say(f"resuming: task {state.inference_uid} was accepted by the InferenceServer; "
-                             "polling again, not submitting twice")
-                if state.phase != TASK_DELIVERING:
-                    state = self._record(state, phase=TASK_RUNNING)
-                try:
-                    archive = wait_for_outputs(
-                        client, state.inference_uid, state.submitted_at,
-                        self._poll_policy(spec.fingerprint),
-                        on_progress=self.say, should_stop=self.should_stop, sleep=self._pause,
-                    )
-                except WaitStopped:
-                    raise Interrupted() from None
-                state = self._record(state, phase=TASK_DELIVERING)
-                predictions = self._extract(archive, work / "outputs")
-                state = self._deliver(spec, state, predictions)
-                if self._delete_when_done(spec.fingerprint):
-                    try:
-                        client.delete(state.inference_uid)
-                        self.say(f"deleted remote task {state.inference_uid}")
-                    except InferenceError as exc:
-                        # The predictions are delivered; a leftover task on the server is not a failure.
-                        self.say(f"could not delete remote task {state.inference_uid}: {exc}")
-                state = self._record(state, phase=TASK_SUCCEEDED, message="predictions delivered")
-                self.say("task succeeded")
-                return state
-        except (TaskFailed, SubmitRejected, ServerUnavailable, ArchiveRejected, DeliveryFailed,
+            try:
+                work.mkdir(parents=True)
+            except OSError as exc:
+                raise NoSpaceForWork(f"cannot create the task's work folder {work}: {exc}") from exc
+            return self._run(spec, state, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _client(self, spec: TaskSpec, download_dir: Path):
+        server = spec.fingerprint.inference_server
+        return metrics.ObservedInferenceClient(make_client(
+            server,
+            ClientSettings(ca_bundle=server.ca_bundle or self.settings.ca_bundle,
+                           post_timeout=self.settings.post_timeout,
+                           max_download_bytes=self.settings.max_output_bytes),
+            download_dir=download_dir,
+        ))
+
+    def _run(self, spec: TaskSpec, state: TaskState, work: Path) -> TaskState:
+        try:
+            client = self._client(spec, work)
+            if state.inference_uid is None:
+                state = self._submit(spec, state, client, work)
+            else:
+                self.say(f"resuming: task {state.inference_uid} was accepted by the InferenceServer; "
+                         "polling again, not submitting twice")
+            if state.phase != TaskPhase.DELIVERING:
+                state = self._record(state, phase=TaskPhase.RUNNING)
+            try:
+                archive = wait_for_outputs(
+                    client, state.inference_uid, state.submitted_at,
+                    self._poll_policy(spec.fingerprint),
+                    on_progress=self.say, should_stop=self.should_stop, sleep=self._pause,
+                )
+            except WaitStopped:
+                raise Interrupted() from None
+            state = self._record(state, phase=TaskPhase.DELIVERING)
+            predictions = self._extract(archive, work / "outputs")
+            state = self._deliver(spec, state, predictions)
+            # Delivered everywhere: Succeeded from here on, whatever happens to the remote task.
+            state = self._record(state, phase=TaskPhase.SUCCEEDED, message="predictions delivered",
+                                 remote_delete_pending=self._delete_when_done(spec.fingerprint))
+            self.say("task succeeded")
+        except (TaskFailed, SubmitRejected, SubmitGivenUp, ServerUnavailable, ArchiveRejected, DeliveryFailed,
                 StorageError) as exc:
+            if _disk_full(exc):
+                raise NoSpaceForWork(str(exc)) from exc
             self.say(f"task failed: {exc}")
-            return self._record(state, phase=TASK_FAILED, message=str(exc)[:1000])
+            return self._record(state, phase=TaskPhase.FAILED, message=str(exc)[:1000])
         except InferenceError as exc:
             if self.should_stop():
                 raise Interrupted() from exc
             self.say(f"task failed: {exc}")
-            return self._record(state, phase=TASK_FAILED, message=str(exc)[:1000])
+            return self._record(state, phase=TaskPhase.FAILED, message=str(exc)[:1000])
+        if state.remote_delete_pending:
+            state = self._delete_remote(spec, state, client)
+        return state
+
+    def _delete_remote(self, spec: TaskSpec, state: TaskState, client) -> TaskState:
+        """Best effort, once per attempt; a task already deleted (a kill after the delete) is fine."""
+        try:
+            client.delete(state.inference_uid)
+            self.say(f"deleted remote task {state.inference_uid}")
+        except InferenceError as exc:
+            # The predictions are delivered; a leftover task on the server is not a failure.
+            self.warn(f"could not delete remote task {state.inference_uid} (it stays on the server): {exc}")
+        return self._record(state, remote_delete_pending=False)
 
     # --- steps ---
 
     def _submit(self, spec: TaskSpec, state: TaskState, client, work: Path) -> TaskState:
-        if state.phase == TASK_SUBMITTING:
-            # Killed between sending the series and recording the uid: the server may or may not
-            # have it. No uid means nothing to poll, so the only way forward is to send again.
-            self.say("the previous submit's outcome is unknown (interrupted before its answer was "
-                     "recorded); submitting again")
+        """Submit at most once more than the outcomes we know: see lifecycle.submit_decision."""
+        decision = submit_decision(state)
+        if decision == SubmitDecision.GIVE_UP:
+            raise SubmitGivenUp(give_up_message(state))
+        if decision == SubmitDecision.REPEAT:
+            # After a restart (a repeat in this process is counted by the observed client).
             metrics.possible_duplicate_submit()
         files = self._fetch(spec, work / "input" / spec.series.slug)
         archive = build_input_archive(client.archive_format(), {spec.series.slug: files},
                                       work / f"input.{client.archive_format()}")
-        state = self._record(state, phase=TASK_SUBMITTING)
         server = spec.fingerprint.inference_server
-        uid = submit_with_retry(
-            client, archive, server.model,
-            deadline_seconds=self.settings.submit_timeout,
-            sleep=self._pause,
-            on_retry=lambda exc, attempt, delay: self.say(
-                f"InferenceServer unavailable, retrying in {delay:.0f}s: {exc}"),
-        )
-        state = self._record(state, phase=TASK_RUNNING, inference_uid=uid, submitted_at=time.time())
-        self.say(f"submitted {len(files)} instances to model {server.model} at {server.url} as task {uid}")
+        recorded = _RecordedSubmits(client, self, state)
+        while True:
+            if decision == SubmitDecision.REPEAT:
+                self.warn(repeat_warning(recorded.state))
+            try:
+                uid = submit_with_retry(
+                    recorded, archive, server.model,
+                    deadline_seconds=self.settings.submit_timeout,
+                    sleep=self._pause,
+                    on_retry=lambda exc, attempt, delay: self.say(
+                        f"InferenceServer unavailable, retrying in {delay:.0f}s: {exc}"),
+                )
+                break
+            except SubmitOutcomeUnknown as exc:
+                if self.should_stop():
+                    raise Interrupted() from exc
+                self.warn(f"submit outcome unknown: {exc}")
+                decision = submit_decision(recorded.state)
+                if decision == SubmitDecision.GIVE_UP:
+                    raise SubmitGivenUp(give_up_message(recorded.state)) from exc
+        # Recorded before anything else: from here on the task is polled, never submitted again.
+        state = self._record(recorded.state, phase=TaskPhase.RUNNING, inference_uid=uid,
+                             submitted_at=time.time())
+        self.say(f"submitted {len(files)} instances of series {spec.series.series_uid} (dispatch "
+                 f"#{spec.generation}) to model {server.model} at {server.url} as task {uid}")
         archive.unlink(missing_ok=True)
         return state
 

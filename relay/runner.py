@@ -1,8 +1,10 @@
 """`isdr run`: the whole relay in one process, with no cluster.
 
-Receiver, scheduler and a pool of task workers share one storage root. The scheduler asks the
-life-cycle rules (relay.lifecycle) what each series needs and carries it out; the state of every
-dispatched series is persisted, so a restart at any moment resumes where the relay stopped.
+Receiver, scheduler and a pool of task workers share one storage root. The scheduler's loop is
+the operator's: read a series, ask the life-cycle rules (relay.lifecycle) for the next step,
+persist it, carry it out. Every decision is persisted before it is carried out, every task
+records its own progress, and what the receiver acknowledged is in storage, so a restart at any
+moment resumes where the relay stopped.
 """
 
 from __future__ import annotations
@@ -23,29 +25,49 @@ from relay.fingerprints.loader import load_fingerprint_dir
 from relay.fingerprints.matching import matching_fingerprints
 from relay.fingerprints.model import Fingerprint
 from relay.lifecycle import (
-    RECEIVING,
-    TASK_FAILED,
     Cleanup,
     Dispatch,
     DropUnmatched,
     Finish,
+    Forget,
+    ListStorage,
+    NoteArrivals,
+    Reopen,
+    SeriesPhase,
     SeriesState,
+    TaskPhase,
     TaskState,
+    Wait,
     apply_cleanup,
     apply_dispatch,
     apply_finish,
-    can_forget,
+    apply_note_arrivals,
+    apply_reopen,
+    arrivals_note,
+    forget_note,
+    new_series,
     next_step,
-    on_late_instances,
+    with_stored,
 )
-from relay.pipeline import Interrupted, PipelineSettings, TaskRunner, TaskSpec
+from relay.pipeline import (
+    Interrupted,
+    NoSpaceForWork,
+    PipelineSettings,
+    TaskRunner,
+    TaskSpec,
+    sweep_work_folders,
+)
 from relay.registry import SeriesRegistry
-from relay.state_store import SeriesStore
+from relay.state_store import SeriesStore, StateWrites, TaskStore
 from relay.storage import Storage, open_storage
+from relay.storage.instances import stored_instances, stored_series
 from relay.storage.local import LocalStorage
-from relay.uids import SeriesKey, parse_instance_key
+from relay.uids import SeriesKey
 
 log = logging.getLogger("relay.runner")
+
+CONFLICT_ATTEMPTS = 3  # a series that keeps changing under a decision is looked at next tick
+CRASHED_TASK_RETRY = 30.0  # seconds before a task whose worker crashed is started again
 
 
 class FingerprintSource:
@@ -85,17 +107,22 @@ class FingerprintSource:
 
 
 class Relay:
-    def __init__(self, settings: Settings, storage: Storage | None = None):
+    def __init__(self, settings: Settings, storage: Storage | None = None, matcher=matching_fingerprints):
         self.settings = settings
         self.storage = storage or open_storage(settings)
         self.rules = lifecycle_rules(settings)
-        self.registry = SeriesRegistry(SeriesStore(self.storage), self.rules)
+        self.matcher = matcher
+        self.registry = SeriesRegistry()
+        self.series_store = SeriesStore(self.storage)
+        self.writes = StateWrites(logging.getLogger("relay.state"))
         self.fingerprints = FingerprintSource(settings.fingerprint_dir)
         self.receiver = Receiver(settings, self.storage, metrics.CountingSink(self.registry))
         self.pipeline_settings = PipelineSettings.from_settings(settings)
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="task")
         self._running: set[str] = set()
+        self._crashed: dict[str, float] = {}  # task id -> monotonic time it may start again
         self._running_lock = threading.Lock()
+        self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
 
@@ -104,6 +131,10 @@ class Relay:
     def start(self) -> None:
         if isinstance(self.storage, LocalStorage):
             self.storage.clean_temporary_files()
+        removed = sweep_work_folders(self.settings.task_work_root)
+        if removed:
+            log.info("removed %d task work folder(s) left by an earlier run in %s", removed,
+                     self.settings.task_work_root)
         self.fingerprints.refresh()
         self.recover()
         self.receiver.start()
@@ -132,50 +163,38 @@ class Relay:
         finally:
             self.stop()
 
-    # --- recovery ---
+    # --- recovery: the state documents, reconciled with what storage holds ---
 
     def recover(self) -> None:
-        """Rebuild the series table from persisted state and the instances in storage."""
         now = time.time()
-        known = {series.key: series for series in self.registry.store.load_all()}
-        for series in known.values():
-            self.registry.put(series, persist=False)
-        instances: dict[SeriesKey, list[str]] = {}
-        for info in self.storage.list("series/"):
-            parsed = parse_instance_key(info.key)
-            if parsed is not None:
-                instances.setdefault(parsed[0], []).append(parsed[1])
-        for key, uids in instances.items():
-            series = known.get(key)
-            if series is None:
-                self._recover_receiving(key, uids, now)
-                continue
-            # Instances acknowledged after the dispatch but before their note was persisted.
-            late = set(uids) - set(series.dispatched_instances)
-            if series.phase != RECEIVING and late and not series.late_instances:
-                series, note = on_late_instances(series, len(late), now, self.rules)
-                log.warning("series %s: %s", key.series_uid, note)
-                self.registry.put(series)
-        resumed = 0
-        for series in self.registry.snapshot():
-            for task in series.active_tasks:
-                self._start_task(series, task)
-                resumed += 1
+        documents = {series.key: series for series in self.series_store.load_all()}
+        stored = stored_series(self.storage)
+        for key, series in documents.items():
+            uids, newest, _sample = stored.get(key, ([], None, ""))
+            series = with_stored(series, uids, newest)
+            self.registry.load(replace(series, tasks=tuple(self._recorded(task) for task in series.tasks)))
+        for key, (uids, _newest, sample) in stored.items():
+            if key not in documents:
+                self._recover_receiving(key, uids, sample, now)
+        resumed = sum(self._ensure_running(series) for series in self.registry.snapshot())
         log.info("recovered %d series from %s (%d tasks resumed)",
-                 len(self.registry.snapshot()), self.storage.describe(), resumed)
+                 len(self.registry.keys()), self.storage.describe(), resumed)
 
-    def _recover_receiving(self, key: SeriesKey, uids: list[str], now: float) -> None:
+    def _recorded(self, task: TaskState) -> TaskState:
+        """A task as its own record says (it is written at every step, the series document not)."""
+        loaded = TaskStore(self.storage, task.task_id).load()
+        return loaded[0] if loaded else task
+
+    def _recover_receiving(self, key: SeriesKey, uids: list[str], sample: str, now: float) -> None:
         try:
-            identity = identify_part10(self.storage.get(key.instance_key(uids[0])))
+            identity = identify_part10(self.storage.get(sample))
         except Exception as exc:  # an unreadable file must not stop the recovery of the others
             log.error("series %s: cannot read its stored instance: %s", key.series_uid, exc)
             return
         # Restart time counts as the last arrival: the sender may still be sending.
-        series = SeriesState(key=key, attributes=identity.attributes, phase=RECEIVING,
-                             first_received=now, last_received=now, instance_count=len(uids))
-        self.registry.put(series, persist=False)
+        self.registry.load(with_stored(new_series(key, identity.attributes, now), uids, None))
 
-    # --- scheduling ---
+    # --- the scheduler: read, ask the rules, persist, carry out ---
 
     def _schedule_forever(self) -> None:
         while not self._stop.is_set():
@@ -188,92 +207,179 @@ class Relay:
     def tick(self, now: float | None = None) -> None:
         fingerprints = self.fingerprints.refresh()
         now = time.time() if now is None else now
-        for series in self.registry.snapshot():
-            with self.registry.lock:
-                current = self.registry.get(series.key)
-                if current is None:
-                    continue
-                step = next_step(current, fingerprints, now, self.rules, matching_fingerprints)
-                self._carry_out(current, step, now)
+        for key in self.registry.keys():
+            try:
+                self.look_at(key, fingerprints, now)
+            except Exception:  # one bad series must not stop the others
+                log.exception("series %s: its next step failed; it is looked at again", key.series_uid)
 
-    def _carry_out(self, series: SeriesState, step, now: float) -> None:
-        key = series.key
-        if isinstance(step, Dispatch):
-            uids = self._stored_instances(key)
-            if not uids:
-                log.warning("series %s: no instances left in storage; forgetting it", key.series_uid)
-                self.registry.forget(key, persisted=series.generation > 0)
+    def look_at(self, key: SeriesKey, fingerprints, now: float) -> None:
+        for _ in range(CONFLICT_ATTEMPTS):
+            read = self.registry.read(key)
+            if read is None:
                 return
-            series = apply_dispatch(series, step, uids, now)
-            self.registry.put(series)
-            log.info("series %s complete with %d instances: dispatched to %s",
-                     key.series_uid, len(uids), ", ".join(step.fingerprints))
-            for task in series.active_tasks:
-                self._start_task(series, task)
-        elif isinstance(step, DropUnmatched):
-            removed = self.storage.delete_prefix(key.prefix)
-            log.info("series %s (modality %s) matches no fingerprint: deleted its %d instances",
-                     key.series_uid, series.attributes.modality or "?", removed)
-            self.registry.forget(key, persisted=series.generation > 0)
-        elif isinstance(step, Finish):
-            self.registry.put(apply_finish(series, step, now))
-            failed = [t for t in series.tasks if t.phase == TASK_FAILED]
-            log.info("series %s %s (%d tasks, %d failed)", key.series_uid, step.phase.lower(),
-                     len(series.tasks), len(failed))
-        elif isinstance(step, Cleanup):
-            if step.delete_instances:
-                removed = self.storage.delete_prefix(key.prefix)
-                log.info("series %s: deleted its %d instances (DELETE_ON_POST)", key.series_uid, removed)
-            self.registry.put(apply_cleanup(series))
-        elif can_forget(series, now, self.rules):
-            self.registry.forget(key)
+            state, revision = read
+            if key in self._unsaved and not self._persist(state):
+                return  # storage still refuses: nothing is decided on top of an unsaved decision
+            step = next_step(state, fingerprints, now, self.rules, self.matcher)
+            if isinstance(step, ListStorage):
+                state = with_stored(state, *stored_instances(self.storage, key))
+                step = next_step(state, fingerprints, now, self.rules, self.matcher)
+            if self._carry_out(key, revision, state, step, now):
+                return
 
-    def _stored_instances(self, key: SeriesKey) -> list[str]:
-        uids = []
-        for info in self.storage.list(key.prefix):
-            parsed = parse_instance_key(info.key)
-            if parsed is not None and parsed[0] == key:
-                uids.append(parsed[1])
-        return uids
+    def _carry_out(self, key: SeriesKey, revision: int, state: SeriesState, step, now: float) -> bool:
+        """Carry out `step`; False when the series changed meanwhile (decide again)."""
+        uid = key.series_uid
+        if isinstance(step, Wait):
+            self._ensure_running(state)
+            return True
+        if isinstance(step, DropUnmatched):
+            if not self.registry.forget(key, revision):
+                return False
+            self.storage.delete([key.instance_key(sop) for sop in step.instances])
+            self.series_store.delete(key)
+            log.info("series %s (modality %s) matches no fingerprint: deleted its %d instances",
+                     uid, state.attributes.modality or "?", len(step.instances))
+            return True
+        if isinstance(step, Forget):
+            if not self.registry.forget(key, revision):
+                return False
+            if step.delete:
+                self.storage.delete([key.instance_key(sop) for sop in step.delete])
+                log.warning("series %s: %s", uid, forget_note(step))
+            for task in state.tasks:
+                TaskStore(self.storage, task.task_id).delete()
+            self.series_store.delete(key)
+            self._unsaved.discard(key)
+            log.info("series %s forgotten", uid)
+            return True
+        if isinstance(step, Cleanup) and step.delete:
+            # Only instances of a finished dispatch; deleting again after a crash is harmless.
+            self.storage.delete([key.instance_key(sop) for sop in step.delete])
+        after = self._apply(state, step, now)
+        if not self.registry.commit(key, revision, after):
+            return False
+        saved = self._persist(after)
+        self._report(state, step)
+        if saved:
+            self._ensure_running(after)
+        return True
+
+    def _apply(self, state: SeriesState, step, now: float) -> SeriesState:
+        if isinstance(step, Dispatch):
+            return apply_dispatch(state, step, now)
+        if isinstance(step, Reopen):
+            return apply_reopen(state, step)
+        if isinstance(step, NoteArrivals):
+            return apply_note_arrivals(state, step)
+        if isinstance(step, Finish):
+            return apply_finish(state, step, now)
+        if isinstance(step, Cleanup):
+            return apply_cleanup(state, step)
+        raise TypeError(f"no state change for {step!r}")
+
+    def _report(self, state: SeriesState, step) -> None:
+        uid = state.key.series_uid
+        if isinstance(step, Dispatch):
+            log.info("series %s complete with %d instances: dispatch #%d to %s", uid, len(step.instances),
+                     step.generation, ", ".join(step.fingerprints))
+        elif isinstance(step, Reopen):
+            log.warning("series %s: %s", uid, arrivals_note(state, step, self.rules))
+        elif isinstance(step, NoteArrivals):
+            note = arrivals_note(state, step, self.rules)
+            (log.warning if step.late_instances > state.late_instances else log.info)("series %s: %s", uid, note)
+        elif isinstance(step, Finish):
+            failed = sum(task.phase == TaskPhase.FAILED for task in state.tasks)
+            log.info("series %s %s (%d tasks, %d failed)", uid, step.phase.lower(), len(state.tasks), failed)
+        elif isinstance(step, Cleanup) and step.delete:
+            log.info("series %s: deleted its %d instances (DELETE_ON_POST)", uid, len(step.delete))
+
+    def _persist(self, state: SeriesState) -> bool:
+        if self.writes.attempt(lambda: self.series_store.save(state), f"series {state.key.series_uid}"):
+            self._unsaved.discard(state.key)
+            return True
+        self._unsaved.add(state.key)
+        return False
 
     # --- tasks ---
 
-    def _start_task(self, series: SeriesState, task: TaskState) -> None:
+    def _ensure_running(self, series: SeriesState) -> int:
+        """Give every task that needs work a worker (once); returns how many were started."""
+        if series.key in self._unsaved or series.phase == SeriesPhase.RECEIVING and not series.tasks:
+            return 0
+        started = 0
+        for task in series.tasks:
+            if task.needs_work and self._start_task(series.key, task):
+                started += 1
+        return started
+
+    def _start_task(self, key: SeriesKey, task: TaskState) -> bool:
         with self._running_lock:
-            if task.task_id in self._running:
-                return
+            if task.task_id in self._running or self._stop.is_set():
+                return False
+            if time.monotonic() < self._crashed.get(task.task_id, 0.0):
+                return False
             self._running.add(task.task_id)
-        metrics.task_started(task.task_id, task.fingerprint)
-        self._pool.submit(self._run_task, series.key, task.task_id)
+        if not task.finished:  # (a finished one only has its remote delete left)
+            metrics.task_started(task.task_id, task.fingerprint)
+        self._pool.submit(self._run_task, key, task.task_id)
+        return True
 
     def _run_task(self, key: SeriesKey, task_id: str) -> None:
-        task_log = logging.getLogger(f"relay.task.{task_id}")
+        task_log = logging.getLogger("relay.task")
+
+        def say(line: str) -> None:
+            task_log.info("task %s: %s", task_id, line)
+
+        def warn(line: str) -> None:
+            task_log.warning("task %s: %s", task_id, line)
+
         try:
             series = self.registry.get(key)
-            task = next(t for t in series.tasks if t.task_id == task_id)
+            task = series.task(task_id) if series else None
+            if task is None:
+                return
+            instances = series.instances_of(task.generation)
+            store = TaskStore(self.storage, task_id)
+
+            def save(state: TaskState) -> None:
+                if not self.writes.until_done(lambda: store.save(state, instances), f"task {task_id}",
+                                              self._stop.is_set, self._stop.wait):
+                    raise Interrupted()
+                self.registry.task_changed(key, state)
+
             fingerprint = self.fingerprints.by_name(task.fingerprint)
             if fingerprint is None:
-                self.registry.save_task(key, replace(
-                    task, phase=TASK_FAILED, updated_at=time.time(),
-                    message=f"fingerprint {task.fingerprint!r} no longer exists"))
-                task_log.error("fingerprint %s no longer exists; task failed", task.fingerprint)
-                metrics.task_finished(task_id, task.fingerprint, TASK_FAILED)
+                if task.finished:
+                    save(replace(task, remote_delete_pending=False, updated_at=time.time()))
+                    warn(f"fingerprint {task.fingerprint} no longer exists: its remote task "
+                         f"{task.inference_uid} is not deleted")
+                else:
+                    save(replace(task, phase=TaskPhase.FAILED, updated_at=time.time(),
+                                 message=f"fingerprint {task.fingerprint!r} no longer exists"))
+                    warn(f"fingerprint {task.fingerprint} no longer exists; task failed")
+                    metrics.task_finished(task_id, task.fingerprint, TaskPhase.FAILED)
                 return
-            spec = TaskSpec(task_id=task_id, series=key, instance_uids=series.dispatched_instances,
+            spec = TaskSpec(task_id=task_id, series=key, generation=task.generation, instance_uids=instances,
                             fingerprint=fingerprint)
-            runner = TaskRunner(
-                self.storage,
-                self.pipeline_settings,
-                save=lambda state: self.registry.save_task(key, state),
-                say=task_log.info,
-                should_stop=self._stop.is_set,
-            )
+            runner = TaskRunner(self.storage, self.pipeline_settings, save=save, say=say, warn=warn,
+                                work_root=self.settings.task_work_root, should_stop=self._stop.is_set)
+            was_finished = task.finished
             final = runner.run(spec, task)
-            metrics.task_finished(task_id, task.fingerprint, final.phase)
+            if not was_finished:
+                metrics.task_finished(task_id, task.fingerprint, final.phase)
         except Interrupted:
-            task_log.info("interrupted by shutdown; resumes at the next start")
+            task_log.info("task %s: interrupted by shutdown; resumes at the next start", task_id)
+        except NoSpaceForWork as exc:
+            task_log.error("task %s waits for disk space (tried again in %.0fs): %s", task_id, CRASHED_TASK_RETRY, exc)
+            with self._running_lock:
+                self._crashed[task_id] = time.monotonic() + CRASHED_TASK_RETRY
         except Exception:
-            task_log.exception("task crashed; it resumes at the next start")
+            task_log.exception("task %s crashed; it is started again in %.0fs", task_id, CRASHED_TASK_RETRY)
+            with self._running_lock:
+                self._crashed[task_id] = time.monotonic() + CRASHED_TASK_RETRY
         finally:
             with self._running_lock:
                 self._running.discard(task_id)
+

@@ -26,7 +26,7 @@ from relay.kube.series_resource import (
     LABEL_TASK,
     MANAGED_BY,
 )
-from relay.lifecycle import TaskState
+from relay.lifecycle import JobOutcome, TaskState
 from relay.uids import SeriesKey
 
 from isdr_operator.settings import JobSettings
@@ -233,14 +233,15 @@ def _key_volume(config_map: str | None, secret: str | None, key: str | None, pat
     return {"secret": {"secretName": secret, "items": items}}
 
 
-def job_outcome(job: dict) -> tuple[str | None, str]:
-    """('Succeeded' | 'Failed' | None, message) from a Job's conditions."""
+def job_outcome(job: dict) -> tuple[JobOutcome, str]:
+    """What a Job's conditions say, and their message. What that means for the task is
+    relay.lifecycle.task_phase_from_job's to say."""
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("status") != "True":
             continue
         if condition.get("type") == "Complete":
-            return "Succeeded", condition.get("message") or ""
+            return JobOutcome.COMPLETE, condition.get("message") or ""
         if condition.get("type") == "Failed":
             reason = condition.get("reason") or "Failed"
-            return "Failed", f"{reason}: {condition.get('message') or ''}".strip(": ")
-    return None, ""
+            return JobOutcome.FAILED, f"{reason}: {condition.get('message') or ''}".strip(": ")
+    return JobOutcome.RUNNING, ""

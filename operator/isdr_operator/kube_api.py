@@ -119,6 +119,13 @@ class OperatorApi:
             return None
         return body.get("status") or {}
 
+    def job_exists(self, name: str) -> bool:
+        try:
+            call(self.batch.read_namespaced_job, name, self.namespace)
+            return True
+        except NotFound:
+            return False
+
     def create_job(self, job: dict) -> bool:
         """True if created, False if it existed already (a re-dispatch after a restart)."""
         try:

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from relay import metrics
 from relay.config import Settings
 from relay.kube.series_resource import GROUP, PLURAL, VERSION
-from relay.lifecycle import RECEIVING
+from relay.lifecycle import SeriesPhase
 
 # kopf logs "Handler 'series_event' succeeded." for every watch event of every object and
 # "Activity 'scheduler' succeeded." for every liveness probe, at INFO (kopf/_core/actions/
@@ -56,7 +56,7 @@ class SeriesPhases:
                 return
             status = body.get("status") or {}
             tasks = tuple(str(task.get("phase") or "Pending") for task in status.get("tasks") or ())
-            self._series[name] = (str(status.get("phase") or RECEIVING), tasks)
+            self._series[name] = (str(status.get("phase") or SeriesPhase.RECEIVING), tasks)
 
     def snapshot(self) -> Iterator[tuple[str, tuple[str, ...]]]:
         with self._lock:

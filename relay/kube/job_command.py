@@ -22,9 +22,9 @@ from dataclasses import replace
 from relay.config import ConfigError, load_settings
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest
 from relay.fingerprints.model import Fingerprint
-from relay.kube.task_store import TaskStore
-from relay.lifecycle import TASK_FAILED, TASK_SUCCEEDED, TaskState
-from relay.pipeline import Interrupted, PipelineSettings, TaskRunner, TaskSpec
+from relay.lifecycle import TaskPhase, TaskState
+from relay.pipeline import Interrupted, NoSpaceForWork, PipelineSettings, TaskRunner, TaskSpec
+from relay.state_store import DispatchStore, StateWrites, TaskStore
 from relay.storage import StorageError, open_storage
 from relay.uids import InvalidUID, SeriesKey, parse_instance_key
 
@@ -72,7 +72,20 @@ def with_mounted_destination_tls(fingerprint: Fingerprint, environ=os.environ) -
 
 
 def say(line: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", flush=True)
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+    print(f"{stamp}.{int(now % 1 * 1000):03d} {line}", flush=True)
+
+
+def warn(line: str) -> None:
+    say(f"WARNING {line}")
+
+
+class _Log:
+    """StateWrites reports through a logger; in a Job everything goes to stdout, line by line."""
+
+    def error(self, message: str, *args) -> None:
+        say(f"ERROR {message % args}")
 
 
 def _fingerprint():
@@ -100,18 +113,19 @@ def run_job(args) -> int:
     store = TaskStore(storage, args.task_id)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    writes = StateWrites(_Log())
 
     try:
         loaded = store.load()
         if loaded is None:
-            instances = tuple(sorted(
-                parsed[1] for info in storage.list(key.prefix)
-                if (parsed := parse_instance_key(info.key)) is not None and parsed[0] == key
-            ))
+            instances = _dispatched_instances(storage, key, args.generation)
             state = TaskState(task_id=args.task_id, fingerprint=fingerprint.name,
                               generation=args.generation, updated_at=time.time())
-            store.save(state, instances)
-            say(f"task {args.task_id}: series {key.series_uid}, fingerprint {fingerprint.name}, "
+            if not writes.until_done(lambda: store.save(state, instances), f"task {args.task_id}",
+                                     stop.is_set, stop.wait):
+                return EXIT_RETRY
+            say(f"task {args.task_id}: series {key.series_uid} (dispatch #{args.generation}, "
+                f"{len(instances)} instances), fingerprint {fingerprint.name}, "
                 f"model {fingerprint.inference_server.model}")
         else:
             state, instances = loaded
@@ -120,30 +134,53 @@ def run_job(args) -> int:
         say(f"storage unavailable: {exc}")
         return EXIT_RETRY
 
-    if state.phase == TASK_SUCCEEDED:
+    if state.phase == TaskPhase.SUCCEEDED and not state.remote_delete_pending:
         say("the task already succeeded; nothing to do")
         return EXIT_OK
-    if state.phase == TASK_FAILED:
+    if state.phase == TaskPhase.FAILED:
         say(f"the task already failed: {state.message}")
         return EXIT_FAILED
+
+    def save(task: TaskState) -> None:
+        if not writes.until_done(lambda: store.save(task, instances), f"task {args.task_id}",
+                                 stop.is_set, stop.wait):
+            raise Interrupted()
 
     runner = TaskRunner(
         storage,
         PipelineSettings.from_settings(settings),
-        save=lambda task: store.save(task, instances),
+        save=save,
         say=say,
+        warn=warn,
+        work_root=settings.task_work_root,
         should_stop=stop.is_set,
     )
-    spec = TaskSpec(task_id=args.task_id, series=key, instance_uids=instances, fingerprint=fingerprint)
+    spec = TaskSpec(task_id=args.task_id, series=key, generation=args.generation, instance_uids=instances,
+                    fingerprint=fingerprint)
     try:
         final = runner.run(spec, state)
     except Interrupted:
         say("stopped; a retried pod resumes from here")
         return EXIT_RETRY
-    if final.phase == TASK_SUCCEEDED:
+    except NoSpaceForWork as exc:
+        say(f"ERROR waiting for disk space: {exc}; a retried pod resumes from here")
+        return EXIT_RETRY
+    if final.phase == TaskPhase.SUCCEEDED:
         return EXIT_OK
     say(f"failed: {final.message}")
     return EXIT_FAILED
+
+
+def _dispatched_instances(storage, key: SeriesKey, generation: int) -> tuple[str, ...]:
+    """What the operator dispatched; a dispatch recorded before dispatch records existed: what
+    storage holds now."""
+    dispatch = DispatchStore(storage).load(key, generation)
+    if dispatch is not None:
+        return dispatch.instances
+    return tuple(sorted(
+        parsed[1] for info in storage.list(key.prefix)
+        if (parsed := parse_instance_key(info.key)) is not None and parsed[0] == key
+    ))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

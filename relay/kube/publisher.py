@@ -45,10 +45,11 @@ from relay.kube.series_resource import (
     series_spec,
     to_rfc3339,
 )
-from relay.lifecycle import RECEIVING
+from relay.lifecycle import SeriesPhase
 from relay.retry import Backoff
 from relay.storage.base import Storage, StorageError
-from relay.uids import SeriesKey, parse_instance_key
+from relay.storage.instances import stored_instances, stored_series
+from relay.uids import SeriesKey
 
 log = logging.getLogger("relay.kube.publisher")
 
@@ -183,12 +184,7 @@ def storage_location(settings: Settings, key: SeriesKey) -> dict:
 
 def count_instances(storage: Storage, key: SeriesKey) -> int:
     """Instance objects stored under the series' prefix (temporary and foreign files excluded)."""
-    count = 0
-    for info in storage.list(key.prefix):
-        parsed = parse_instance_key(info.key)
-        if parsed is not None and parsed[0] == key:
-            count += 1
-    return count
+    return len(stored_instances(storage, key)[0])
 
 
 def status_patch(existing: dict | None, *, instances: int, first_received: float | None,
@@ -217,7 +213,7 @@ def status_patch(existing: dict | None, *, instances: int, first_received: float
         patch["receivedBy"] = (received_by + [pod_name])[-max_received_by:]
 
     if not existing.get("phase"):
-        patch["phase"] = RECEIVING
+        patch["phase"] = str(SeriesPhase.RECEIVING)
     return patch
 
 
@@ -402,39 +398,44 @@ class SeriesPublisher:
     # --- the background thread ---
 
     def recover_unpublished(self) -> int:
-        """Publish series whose instances are in storage but that have no DicomSeries.
+        """Publish what storage holds and the DicomSeries do not say (storage is the truth).
 
         A receiver killed between storing an instance (and acknowledging it) and publishing its
-        series would otherwise leave it unseen by the operator. Only series with no object at all
-        are taken up: a finished series keeps its object (the operator forgets it only after its
-        instances were deleted), so nothing is run twice. Raises ApiUnavailable during an outage."""
-        stored: dict[SeriesKey, tuple[str, float]] = {}
-        for info in self.storage.list("series/"):
-            parsed = parse_instance_key(info.key)
-            if parsed is None:
-                continue
-            key = parsed[0]
-            newest = stored.get(key, (info.key, 0.0))[1]
-            stored[key] = (info.key, max(newest, info.modified))
-        recovered = 0
-        for key, (sample_key, modified) in stored.items():
+        series would otherwise leave it unseen by the operator: a series with no object at all,
+        or an object whose count and last arrival are behind what is stored (a series published
+        at 2 of 20 instances). Both are published again from storage; the operator then decides
+        what the instances it did not know of mean (a series still arriving, or arrivals after
+        its dispatch). Raises ApiUnavailable during an outage."""
+        recovered = reconciled = 0
+        for key, (uids, newest, sample_key) in stored_series(self.storage).items():
             with self._lock:
                 if key in self._series:
                     continue
-            if self.api.get(resource_name(key)) is not None:
-                continue
+            body = self.api.get(resource_name(key))
+            if body is not None:
+                status = body.get("status") or {}
+                published_last = _parse_time(status.get("lastReceived")) or 0.0
+                # (lastReceived is written to the microsecond; a file's time is finer)
+                if status.get("instances") == len(uids) and published_last >= newest - 0.001:
+                    continue
             try:
                 identity = identify_part10(self.storage.get(sample_key))
             except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
                 log.error("series %s is in storage but unreadable: %s", key.series_uid, exc)
                 continue
             self.instance_stored(ReceivedInstance(identity=identity, size=0, calling_ae_title="",
-                                                  received_at=modified))
-            recovered += 1
+                                                  received_at=newest))
+            if body is None:
+                recovered += 1
+            else:
+                reconciled += 1
         if recovered:
             log.warning("found %d series in storage that were never published (a receiver stopped "
                         "before it could); publishing them now", recovered)
-        return recovered
+        if reconciled:
+            log.warning("found %d series whose DicomSeries is behind what is stored (a receiver stopped "
+                        "before it could publish the last instances); publishing them again", reconciled)
+        return recovered + reconciled
 
     def _run(self) -> None:
         recovered = False

@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timezone
 
 from relay.fingerprints.model import SeriesAttributes
-from relay.lifecycle import RECEIVING, SeriesState, TaskState
+from relay.lifecycle import SeriesPhase, SeriesState, TaskPhase, TaskState, progress
 from relay.uids import SeriesKey
 
 GROUP = "isdr.io"
@@ -66,7 +66,8 @@ def key_of(body: dict) -> SeriesKey:
 
 
 def series_state(body: dict) -> SeriesState:
-    """The core's view of a DicomSeries."""
+    """The core's view of a DicomSeries (the stored instances and the dispatch records are in
+    storage: a driver adds them when the rules ask, see relay.lifecycle.ListStorage)."""
     spec, status = body["spec"], body.get("status") or {}
     key = key_of(body)
     tasks = tuple(
@@ -74,12 +75,14 @@ def series_state(body: dict) -> SeriesState:
             task_id=task["taskId"],
             fingerprint=task["fingerprint"],
             generation=int(task.get("generation", 1)),
-            phase=task.get("phase", "Pending"),
+            phase=TaskPhase(task.get("phase") or TaskPhase.PENDING),
             inference_uid=task.get("inferenceTaskUID"),
             message=task.get("message", ""),
         )
         for task in status.get("tasks") or []
     )
+    # Arrivals up to lateSeen were looked at; objects written before it existed: up to the dispatch.
+    seen = from_rfc3339(status.get("lateSeen")) or from_rfc3339(status.get("dispatchedTime")) or 0.0
     return SeriesState(
         key=key,
         attributes=SeriesAttributes(
@@ -88,13 +91,40 @@ def series_state(body: dict) -> SeriesState:
             series_description=spec.get("seriesDescription", ""),
             study_description=spec.get("studyDescription", ""),
         ),
-        phase=status.get("phase") or RECEIVING,
+        phase=SeriesPhase(status.get("phase") or SeriesPhase.RECEIVING),
         first_received=from_rfc3339(status.get("firstReceived")) or 0.0,
         last_received=from_rfc3339(status.get("lastReceived")) or 0.0,
         instance_count=int(status.get("instances") or 0),
         generation=int(status.get("generation") or 0),
+        arrivals_seen=seen,
         late_instances=int(status.get("lateInstances") or 0),
         tasks=tasks,
         finished_at=from_rfc3339(status.get("completedTime")),
         cleaned=bool(status.get("instancesDeleted")),
     )
+
+
+def decision_status(state: SeriesState) -> dict:
+    """The operator's status fields for `state` (a merge patch: the receiver's fields untouched)."""
+    return {
+        "phase": str(state.phase),
+        "generation": state.generation,
+        "lateSeen": to_rfc3339(state.arrivals_seen) if state.arrivals_seen else None,
+        "lateInstances": state.late_instances,
+        "instancesDeleted": state.cleaned,
+        "completedTime": to_rfc3339(state.finished_at),
+    }
+
+
+def task_entry(task: TaskState, now: float) -> dict:
+    """status.tasks[] for a new task; its Job is named after it."""
+    return {"taskId": task.task_id, "fingerprint": task.fingerprint, "generation": task.generation,
+            "job": task.task_id, "phase": str(task.phase), "startTime": to_rfc3339(now)}
+
+
+def tasks_status(entries: list[dict]) -> dict:
+    """status.tasks with the progress column that goes with it."""
+    tasks = [TaskState(task_id=e["taskId"], fingerprint=e.get("fingerprint", ""),
+                       generation=int(e.get("generation", 1)), phase=TaskPhase(e.get("phase") or "Pending"))
+             for e in entries]
+    return {"tasks": entries, "progress": progress(tasks)}

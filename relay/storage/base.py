@@ -97,6 +97,13 @@ class Storage(abc.ABC):
     def put_bytes(self, key: str, data: bytes) -> None:
         self.put(key, (data,))
 
+    def put_state(self, key: str, data: bytes) -> None:
+        """A small state document the relay needs to make progress (a dispatch, a task's uid).
+
+        Written even below a free-space reserve: the reserve stops receiving so that these still
+        fit, and the progress they record is what frees space again."""
+        self.put_bytes(key, data)
+
     def delete_prefix(self, prefix: str) -> int:
         keys = [info.key for info in self.list(prefix)]
         self.delete(keys)

@@ -76,7 +76,14 @@ class LocalStorage(Storage):
                 raise StorageFull(f"only {free} bytes free in {self.root}")
 
     def put(self, key: str, chunks: Chunks) -> None:
-        upload = self.open_upload()
+        self._write(self.open_upload(), key, chunks)
+
+    def put_state(self, key: str, data: bytes) -> None:
+        # No free-space check: the reserve is kept so that these still fit (see Storage.put_state).
+        self._write(LocalUpload(self), key, (data,))
+
+    @staticmethod
+    def _write(upload: "LocalUpload", key: str, chunks: Chunks) -> None:
         try:
             for chunk in chunks:
                 upload.write(chunk)

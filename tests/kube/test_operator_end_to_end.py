@@ -21,6 +21,7 @@ import yaml
 from relay.kube.series_resource import GROUP, LABEL_SERIES, PLURAL, VERSION, resource_name
 from isdr_devtools.synthetic import write_ct_series
 from relay.uids import SeriesKey
+from tests.support.chaos import CLAIM, kube_relay_env
 from tests.support.dicom_peers import StoreSCP, storescu
 from tests.support.emulator import EmulatorProcess
 from tests.support.fingerprints import manifest
@@ -29,7 +30,6 @@ from tests.support.processes import wait_until, ManagedProcess, free_port, requi
 pytestmark = pytest.mark.kube
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CLAIM = "isdr-data"
 
 
 class Relay:
@@ -40,30 +40,7 @@ class Relay:
         self.storage_dir = agent.pvc_path(CLAIM, namespace)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.scp_port = free_port()
-        base = {k: v for k, v in os.environ.items()
-                if k not in ("KUBERNETES_SERVICE_HOST", "STORAGE", "S3_BUCKET", "INCOMING_DIR")}
-        self.env = {
-            **base,
-            "KUBECONFIG": str(cluster.kubeconfig),
-            "POD_NAMESPACE": namespace,
-            "INCOMING_DIR": str(self.storage_dir),
-            "SCP_PORT": str(self.scp_port),
-            "SCP_AE_TITLE": "ISDR",
-            "POST_AFTER": "1",
-            "GET_INTERVAL": "0.3",
-            "NOT_FOUND_GRACE": "10",
-            "DELIVERY_TIMEOUT": "60",
-            "SERIES_RETENTION": "600",
-            "STORAGE_PVC_CLAIM": CLAIM,
-            "JOB_IMAGE": "isdr:test",
-            "JOB_BACKOFF_LIMIT": "2",
-            "JOB_TTL_SECONDS_AFTER_FINISHED": "600",
-            "LOG_LEVEL": "INFO",
-            # The operator's name in kopf's peering: a restarted operator is the same pod's
-            # container starting again (a new name would wait for the old one's keep-alive to expire).
-            "POD_ID": "isdr-operator-0",
-            **(env or {}),
-        }
+        self.env = kube_relay_env(cluster, namespace, self.storage_dir, self.scp_port, **(env or {}))
         self.scp = self.operator = None
         self.operator_starts = 0
         self.health_port = free_port()
@@ -467,28 +444,113 @@ def test_the_same_flow_with_s3_storage(kube_cluster, relay, peers, bucket, s3_se
     wait_until(lambda: not [i for i in bucket.list("series/")], 30, "the instances deleted from the bucket")
 
 
-def test_a_late_instance_is_kept_out_of_a_second_run_with_the_ignore_policy(relay, peers, tmp_path):
-    import pydicom
-
-    emulator, pacs = peers
-    r = relay()  # LATE_INSTANCE_POLICY defaults to ignore
+def series_for(r, emulator, pacs, tmp_path, count=3):
+    """A Fingerprint for the emulator's toy model, seen by the operator, and a series it matches."""
     r.apply(fingerprint_manifest("ct", emulator, pacs))
     wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
-    files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
-    key = key_of(files)
+    files = write_ct_series(tmp_path / "ct", count=count, rows=16, cols=16)
+    return files, key_of(files)
+
+
+def late_instance(files, tmp_path, count=1):
+    import pydicom
+
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return write_ct_series(tmp_path / "late", count=count, rows=16, cols=16, series_uid=first.SeriesInstanceUID,
+                           study_uid=first.StudyInstanceUID)
+
+
+def only_state(paths) -> bool:
+    return all("state" in str(p) or "work" in str(p) for p in paths)
+
+
+def test_a_new_instance_after_the_dispatch_runs_the_series_again_with_all_its_instances(relay, make_peers,
+                                                                                       tmp_path):
+    emulator, pacs = make_peers(3.0)
+    r = relay()  # LATE_INSTANCE_POLICY defaults to reopen
+    files, key = series_for(r, emulator, pacs, tmp_path)
+    r.send(files)
+    wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the first submit")
+
+    r.send(late_instance(files, tmp_path))  # the series was incomplete
+
+    wait_until(lambda: sorted(t["input_files"] or 0 for t in emulator.stats()["tasks"]) == [3, 4], 90,
+               f"a second run with all 4 instances\n{r.operator_log()[-3000:]}")
+    series = wait_until(lambda: (s := r.series(key)) and s["status"].get("phase") == "Succeeded"
+                        and s["status"].get("generation") == 2 and s, 120, "the second generation to finish")
+    assert [t["generation"] for t in series["status"]["tasks"]] == [1, 2]
+    assert len(r.jobs(key)) == 2 and series["status"]["progress"] == "1/1"
+    assert "LateInstances" in {e.reason for e in r.events(resource_name(key))}
+    wait_until(lambda: only_state(r.stored()), 30, "every instance deleted once both runs finished")
+    assert len(pacs.wait_for_files(2)) == 2
+
+
+def test_a_resent_series_after_the_dispatch_runs_nothing_again(relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    files, key = series_for(r, emulator, pacs, tmp_path)
+    r.send(files)
+    r.wait_series_phase(key, "Succeeded")
+
+    r.send(files)  # the sender sends the whole series again
+
+    wait_until(lambda: "DuplicateInstances" in {e.reason for e in r.events(resource_name(key))}, 60,
+               f"the duplicates noticed\n{r.operator_log()[-3000:]}")
+    wait_until(lambda: only_state(r.stored()), 30, "the duplicates deleted")
+    time.sleep(3)
+    assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1 and len(pacs.files()) == 1
+
+
+def test_with_the_ignore_policy_a_late_instance_is_kept_unrun_until_the_retention(relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay(LATE_INSTANCE_POLICY="ignore", SERIES_RETENTION="8")
+    files, key = series_for(r, emulator, pacs, tmp_path)
     r.send(files)
     r.wait_series_phase(key, "Succeeded")
     wait_until(lambda: (r.series(key) or {}).get("status", {}).get("instancesDeleted"), 30, "clean-up")
 
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    late = write_ct_series(tmp_path / "late", count=1, rows=16, cols=16, series_uid=first.SeriesInstanceUID,
-                           study_uid=first.StudyInstanceUID)
-    r.send(late)
+    r.send(late_instance(files, tmp_path))
 
     series = wait_until(lambda: (s := r.series(key)) and s["status"].get("lateInstances") and s, 30,
                         "the late instance to be noticed")
     assert series["status"]["phase"] == "Succeeded"
     assert "LateInstances" in {e.reason for e in r.events(resource_name(key))}
-    wait_until(lambda: r.stored() == [] or all("state" in str(p) for p in r.stored()), 30,
-               "the late instance to be cleaned up")
+    assert len([p for p in r.stored() if p.suffix == ".dcm" and "series" in p.parts]) == 1  # kept, unrun
+    wait_until(lambda: r.series(key) is None, 60, "the series forgotten after SERIES_RETENTION")
+    assert only_state(r.stored()) and "never run" in r.operator_log()
     assert len(r.jobs(key)) == 1 and emulator.stats()["submits"] == 1
+
+
+def test_a_receiver_killed_mid_series_is_reconciled_from_storage(kube_cluster, relay, peers, tmp_path):
+    from urllib.parse import urlparse
+
+    from tests.kube.test_scp_publisher import proxied_kubeconfig
+    from tests.support.tcp_proxy import TcpProxy
+
+    emulator, pacs = peers
+    r = relay(POST_AFTER="4")
+    files, key = series_for(r, emulator, pacs, tmp_path, count=6)
+    server = urlparse(kube_cluster.server)
+    with TcpProxy(server.hostname, server.port) as proxy:
+        # This receiver reaches the API through a proxy the test can cut.
+        r.scp.stop()
+        env = {**r.env, "KUBECONFIG": str(proxied_kubeconfig(kube_cluster.kubeconfig, proxy.port,
+                                                               tmp_path / "proxied.kubeconfig"))}
+        scp = ManagedProcess([sys.executable, "-m", "relay.cli", "scp", "--namespace", r.namespace],
+                             r.workdir / "scp-proxied.log", env=env, cwd=REPO_ROOT)
+        wait_for_port(r.scp_port, process=scp.popen, timeout=60)
+        r.send(files[:2])
+        wait_until(lambda: ((r.series(key) or {}).get("status") or {}).get("instances") == 2, 30, "2 published")
+        proxy.pause("refuse")
+        r.send(files[2:])  # acknowledged and stored; the DicomSeries still says 2
+        scp.kill()
+        proxy.resume()
+
+        # The operator dispatches what storage holds, not the 2 the DicomSeries says.
+        r.wait_series_phase(key, "Succeeded", timeout=120)
+        assert [t["input_files"] for t in emulator.stats()["tasks"]] == [6]
+        r.scp = ManagedProcess([sys.executable, "-m", "relay.cli", "scp", "--namespace", r.namespace],
+                               r.workdir / "scp-2.log", env=env, cwd=REPO_ROOT)
+        wait_for_port(r.scp_port, process=r.scp.popen, timeout=60)
+        time.sleep(3)
+        assert emulator.stats()["submits"] == 1 and len(r.jobs(key)) == 1

@@ -262,6 +262,28 @@ def test_a_receiver_killed_before_publishing_publishes_at_its_next_start(kube_cl
         assert "never published" in again.output()
 
 
+def test_a_receiver_killed_mid_series_corrects_the_count_from_storage_at_its_next_start(
+        kube_cluster, kube_namespace, start_scp, tmp_path):
+    server = urlparse(kube_cluster.server)
+    with TcpProxy(server.hostname, server.port) as proxy:
+        kubeconfig = proxied_kubeconfig(kube_cluster.kubeconfig, proxy.port, tmp_path / "proxied.kubeconfig")
+        scp = start_scp(kubeconfig=kubeconfig)
+        files = write_ct_series(tmp_path / "ct", count=5, rows=16, cols=16)
+        key = series_key(files)
+        scp.send(files[:2])
+        before = wait_for_instances(kube_cluster, kube_namespace, key, 2)
+        proxy.pause("refuse")
+        scp.send(files[2:])  # acknowledged and stored; the DicomSeries still says 2
+        scp.process.kill()
+        proxy.resume()
+
+        again = start_scp(pod_name="receiver-a2", kubeconfig=kubeconfig)
+        body = wait_for_instances(kube_cluster, kube_namespace, key, 5, timeout=60)
+        newest = max(p.stat().st_mtime for p in stored_instances(scp.incoming, key))
+        assert from_rfc3339(body["status"]["lastReceived"]) >= newest > from_rfc3339(before["status"]["lastReceived"])
+        assert "behind what is stored" in again.output()
+
+
 def test_two_replicas_share_one_series(kube_cluster, kube_namespace, start_scp, tmp_path):
     incoming = tmp_path / "shared"
     a = start_scp("receiver-a", incoming=incoming)

@@ -5,6 +5,7 @@
     proxy.pause()            # connections refused, open ones cut (mode="refuse")
     proxy.pause("reset")     # connections accepted and closed at once (a server dying mid-request)
     proxy.resume()           # forwarding again, on the same port
+    proxy.hold_answers_to(b"POST")  # HTTP: requests reach the server, their answers never come back
     proxy.stop()
 
 Bytes are forwarded untouched (TLS passes through), so a client still sees the real server's
@@ -34,6 +35,8 @@ class TcpProxy:
         self.port = listen_port
         self.mode = "forward"  # forward | refuse | reset
         self.connections_accepted = 0
+        self.held_methods: tuple[bytes, ...] = ()
+        self.answers_held = 0
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
@@ -65,6 +68,13 @@ class TcpProxy:
             self.mode = "forward"
             if self._listener is None:
                 self._listen_locked()
+
+    def hold_answers_to(self, *methods: bytes) -> None:
+        """HTTP only: once a client sends a request with one of these methods (b"POST",
+        b"DELETE"), the server's answer on that connection is swallowed: the server does the work,
+        the client never hears of it (a lost answer, a hung request). No argument: forward all."""
+        with self._lock:
+            self.held_methods = tuple(methods)
 
     def cut_connections(self) -> None:
         with self._lock:
@@ -153,6 +163,7 @@ class TcpProxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
+        holding = False  # the answer to a request of a held method is being swallowed
         with selectors.DefaultSelector() as selector:
             selector.register(a, selectors.EVENT_READ)
             selector.register(b, selectors.EVENT_READ)
@@ -169,6 +180,17 @@ class TcpProxy:
                         return
                     if not data:
                         return
+                    if source is a:
+                        with self._lock:
+                            held = self.held_methods
+                        # Requests on one HTTP connection follow each other, so a chunk that starts
+                        # a request starts with its method.
+                        if held and data.split(b" ", 1)[0] in held:
+                            holding = True
+                            with self._lock:
+                                self.answers_held += 1
+                    elif holding:
+                        continue
                     try:
                         peers[source].sendall(data)
                     except OSError:

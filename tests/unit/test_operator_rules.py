@@ -1,4 +1,5 @@
-"""The operator's pure parts: Job specs, late instances, conditions, fingerprint readiness, scheduling."""
+"""The operator's pure parts: Job specs, conditions, fingerprint readiness, scheduling (its life-cycle
+rules are relay.lifecycle's: tests/unit/test_lifecycle.py)."""
 
 import json
 import threading
@@ -7,14 +8,13 @@ import time
 import pytest
 
 from isdr_operator.conditions import condition, same_conditions, set_condition
-from isdr_operator.driver import late_arrivals, progress
 from isdr_operator.fingerprints import evaluate
 from isdr_operator.jobs import build_job, job_outcome
 from isdr_operator.scheduler import Scheduler, SchedulerStuck
 from isdr_operator.settings import JobSettings, load_operator_settings
 from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
 from relay.kube.series_resource import to_rfc3339
-from relay.lifecycle import TaskState
+from relay.lifecycle import JobOutcome, TaskState
 from relay.uids import SeriesKey
 
 KEY = SeriesKey("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2")
@@ -102,36 +102,14 @@ def test_operator_settings_pass_the_relays_task_settings_to_jobs():
 
 
 @pytest.mark.parametrize("conditions, expected", [
-    ([{"type": "Complete", "status": "True"}], ("Succeeded", "")),
+    ([{"type": "Complete", "status": "True"}], (JobOutcome.COMPLETE, "")),
     ([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"}],
-     ("Failed", "PodFailurePolicy: exit 2")),
-    ([{"type": "Failed", "status": "False"}], (None, "")),
-    ([], (None, "")),
+     (JobOutcome.FAILED, "PodFailurePolicy: exit 2")),
+    ([{"type": "Failed", "status": "False"}], (JobOutcome.RUNNING, "")),
+    ([], (JobOutcome.RUNNING, "")),
 ])
 def test_job_outcome(conditions, expected):
     assert job_outcome({"status": {"conditions": conditions}}) == expected
-
-
-def status(last, dispatched, seen=None, instances=5, dispatched_instances=5, late=0, deleted=False):
-    return {"lastReceived": to_rfc3339(last), "dispatchedTime": to_rfc3339(dispatched),
-            "lateSeen": to_rfc3339(seen) if seen else None, "instances": instances,
-            "dispatchedInstances": dispatched_instances, "lateInstances": late, "instancesDeleted": deleted}
-
-
-def test_late_instances_are_told_by_time_not_by_count():
-    assert late_arrivals(status(last=100, dispatched=110)) == 0  # received before the dispatch
-    assert late_arrivals(status(last=120, dispatched=110, instances=7)) == 2
-    # A re-sent instance does not change the stored count; it is still one late arrival.
-    assert late_arrivals(status(last=120, dispatched=110, instances=5)) == 1
-    # After clean-up the stored count is the late ones alone.
-    assert late_arrivals(status(last=120, dispatched=110, instances=1, deleted=True)) == 1
-    assert late_arrivals(status(last=120, dispatched=110, seen=120, instances=7, late=2)) == 0
-
-
-def test_progress_counts_the_latest_dispatch():
-    tasks = [{"generation": 1, "phase": "Failed"}, {"generation": 2, "phase": "Succeeded"},
-             {"generation": 2, "phase": "Running"}]
-    assert progress(tasks) == "1/2" and progress([]) == ""
 
 
 def test_condition_transition_time_moves_only_when_the_status_flips():

@@ -577,3 +577,36 @@ def test_connect_in_a_pod_uses_the_service_account(tmp_path):
     assert connection.namespace == "isdr"
     assert connect(environ={**env, "POD_NAMESPACE": "from-downward-api"},
                    service_account_dir=account).namespace == "from-downward-api"
+
+
+def test_at_start_a_series_published_behind_its_storage_is_published_again(storage, settings, tmp_path, caplog):
+    import pydicom
+
+    from isdr_devtools.synthetic import write_ct_series
+
+    files = write_ct_series(tmp_path / "ct", count=5, rows=8, cols=8)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    key = SeriesKey(str(first.SeriesInstanceUID), str(first.SOPClassUID))
+    api = FakeApi()
+    publisher = make_publisher(api, storage, settings)
+    uids = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files]
+    for uid, path in zip(uids[:2], files):
+        storage.put_bytes(key.instance_key(uid), path.read_bytes())
+        publisher.instance_stored(ReceivedInstance(
+            identity=InstanceIdentity(series=key, sop_instance_uid=uid, study_uid=STUDY, attributes=ATTRIBUTES),
+            size=1, calling_ae_title="SCANNER", received_at=T0))
+    publisher.flush()
+    assert api.objects[resource_name(key)]["status"]["instances"] == 2
+    for uid, path in zip(uids[2:], files[2:]):  # stored and acknowledged, then the receiver was killed
+        storage.put_bytes(key.instance_key(uid), path.read_bytes())
+
+    restarted = make_publisher(api, storage, settings, pod="receiver-b")
+    with caplog.at_level(logging.WARNING):
+        assert restarted.recover_unpublished() == 1
+    restarted.flush()
+    status = api.objects[resource_name(key)]["status"]
+    newest = max(info.modified for info in storage.list(key.prefix))
+    assert status["instances"] == 5 and from_rfc3339(status["lastReceived"]) >= newest - 1e-6
+    assert "behind what is stored" in caplog.text
+    # Up to date now: a further restart publishes nothing.
+    assert make_publisher(api, storage, settings, pod="receiver-c").recover_unpublished() == 0
