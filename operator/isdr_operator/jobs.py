@@ -110,10 +110,14 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
         mounts.append({"name": f"destination-{index}-tls", "mountPath": destination_tls_dir(index), "readOnly": True})
         env.append({"name": destination_tls_env(index), "value": destination_tls_dir(index)})
 
-    # A scratch folder for the archives, since the root filesystem is read-only.
+    # A scratch folder, since the root filesystem is read-only. The task's working copies go to
+    # WORK_DIR: on the shared volume (INCOMING_DIR/work, swept by the operator) in volume mode,
+    # in this pod's own emptyDir (gone with the pod) in S3 mode.
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
     env.append({"name": "TMPDIR", "value": "/tmp"})
+    if not settings.storage_pvc_claim and "WORK_DIR" not in settings.task_env:
+        env.append({"name": "WORK_DIR", "value": "/tmp/work"})
 
     resources = {"requests": {"cpu": settings.cpu_request, "memory": settings.memory_request}}
     if settings.memory_limit:
