@@ -36,6 +36,11 @@ from relay.fingerprints.model import Fingerprint, SeriesAttributes
 from relay.uids import SeriesKey
 
 
+# Times closer than this are the same time: custom resources keep microseconds, file systems
+# nanoseconds, and a time that went through one of them must not look like a new arrival.
+SAME_TIME = 0.001
+
+
 class SeriesPhase(StrEnum):
     RECEIVING = "Receiving"
     DISPATCHED = "Dispatched"
@@ -243,7 +248,9 @@ def with_stored(series: SeriesState, instances: Iterable[str], newest: float | N
     A stored instance newer than anything the state knows (its receiver was killed before it
     could report it) counts as an arrival at that time."""
     received = frozenset(instances)
-    last = series.last_received if newest is None else max(series.last_received, newest)
+    last = series.last_received
+    if newest is not None and newest > last + SAME_TIME:
+        last = newest
     return replace(series, received=received, instance_count=len(received), last_received=last)
 
 
@@ -255,7 +262,7 @@ def next_step(series: SeriesState, fingerprints: Sequence[Fingerprint], now: flo
     """What should happen to `series` now. `matcher(fingerprints, attributes)` -> matching ones."""
     if series.phase == SeriesPhase.RECEIVING:
         return _receiving(series, fingerprints, now, rules, matcher)
-    if series.last_received > series.arrivals_seen:
+    if series.last_received > series.arrivals_seen + SAME_TIME:
         return _arrivals_after_dispatch(series, rules)
     if series.phase == SeriesPhase.DISPATCHED:
         return _finish_or_wait(series)

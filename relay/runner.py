@@ -65,6 +65,7 @@ from relay.storage.local import LocalStorage
 from relay.uids import SeriesKey
 
 log = logging.getLogger("relay.runner")
+task_log = logging.getLogger("relay.task")  # one task's story, step by step, its id in every line
 
 CONFLICT_ATTEMPTS = 3  # a series that keeps changing under a decision is looked at next tick
 CRASHED_TASK_RETRY = 30.0  # seconds before a task whose worker crashed is started again
@@ -327,8 +328,6 @@ class Relay:
         return True
 
     def _run_task(self, key: SeriesKey, task_id: str) -> None:
-        task_log = logging.getLogger("relay.task")
-
         def say(line: str) -> None:
             task_log.info("task %s: %s", task_id, line)
 

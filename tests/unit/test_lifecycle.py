@@ -223,6 +223,15 @@ def test_arrivals_are_looked_at_once():
     assert noted.arrivals_seen == 300.0 and step(noted, 301.0) == Wait()
 
 
+def test_a_time_that_went_through_a_coarser_clock_is_not_a_new_arrival():
+    # The newest file's time (nanoseconds) against the same time kept in microseconds: a
+    # DicomSeries' lateSeen must not make the same instances look new at every look.
+    series = finished(now=200.0)
+    kept = replace(series, last_received=150.000001, arrivals_seen=150.000001, received=None)
+    listed = with_stored(kept, ["1.1", "1.2"], newest=150.0000014)
+    assert listed.last_received == 150.000001 and step(listed, 201.0) == Cleanup(delete=("1.1", "1.2"))
+
+
 def test_without_the_stored_instances_arrivals_after_a_dispatch_need_a_listing():
     series = replace(on_instance(dispatched("a"), KEY, CT, "1.3", 300.0), received=None)
     assert step(series, 300.0) == ListStorage()

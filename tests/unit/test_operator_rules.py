@@ -89,9 +89,19 @@ def test_job_storage_pvc_or_s3_secret_and_the_ca_bundles():
     assert volumes["fingerprint-ca"]["secret"]["secretName"] == "is-ca"
     assert env_of(spec)[FINGERPRINT_CA_ENV] == "/etc/isdr/fingerprint-ca/ca.pem"
     assert {"configMapRef": {"name": "isdr-config"}} in pod["containers"][0]["envFrom"]
-    s3 = job(JobSettings(s3_credentials_secret="s3"))["spec"]["template"]["spec"]
+    s3_job = job(JobSettings(s3_credentials_secret="s3"))
+    s3 = s3_job["spec"]["template"]["spec"]
     assert {"secretRef": {"name": "s3"}} in s3["containers"][0]["envFrom"]
     assert all("persistentVolumeClaim" not in v for v in s3["volumes"])
+
+
+def test_a_jobs_working_copies_stay_on_the_shared_volume_or_in_its_own_empty_dir():
+    on_volume = job(JobSettings(storage_pvc_claim="isdr-data", task_env={"INCOMING_DIR": "/data"}))
+    assert "WORK_DIR" not in env_of(on_volume)  # INCOMING_DIR/work: swept by the operator
+    s3_job = job(JobSettings(s3_credentials_secret="s3"))
+    assert env_of(s3_job)["WORK_DIR"] == "/tmp/work"
+    mounts = s3_job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in mounts
 
 
 def test_operator_settings_pass_the_relays_task_settings_to_jobs():
