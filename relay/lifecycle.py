@@ -446,6 +446,13 @@ def repeat_warning(task: TaskState) -> str:
             "run it under a uid we never learnt. Submitting once more, and never again")
 
 
+def possible_duplicate_note(task: TaskState) -> str:
+    """For a task that got its uid after submits of unknown outcome (an Event, a report)."""
+    return (f"possible duplicate: {task.unknown_submits} earlier submit(s) of this task had an unknown outcome; "
+            f"the InferenceServer may have run it up to {task.unknown_submits + 1} times (uid "
+            f"{task.inference_uid} is the one polled and delivered)")
+
+
 def give_up_message(task: TaskState) -> str:
     return (f"the outcome of {task.unknown_submits} submits is unknown (each may have created a task "
             "on the InferenceServer under a uid the relay never learnt); not submitting a third time")

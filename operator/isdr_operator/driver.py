@@ -50,6 +50,7 @@ from relay.lifecycle import (
     arrivals_note,
     forget_note,
     next_step,
+    possible_duplicate_note,
     task_phase_from_job,
     with_stored,
 )
@@ -305,11 +306,15 @@ class SeriesDriver:
                 update["completionTime"] = to_rfc3339(self.clock())
             if all(entry.get(k) == v for k, v in update.items()):
                 return series_name
+            first_uid = "inferenceTaskUID" in update and not entry.get("inferenceTaskUID")
             entry.update(update)
             try:
                 self.api.patch_series_status(body, tasks_status(tasks))
             except Conflict:
                 continue
+            if first_uid and record.unknown_submits:
+                self.api.event(body, "PossibleDuplicateSubmit", f"Job {entry['job']}: {possible_duplicate_note(record)}",
+                               warning=True)
             if phase in TERMINAL_TASK_PHASES and before not in TERMINAL_TASK_PHASES:
                 self._task_finished(body, entry, series_state(body))
             return series_name

@@ -554,3 +554,32 @@ def test_a_receiver_killed_mid_series_is_reconciled_from_storage(kube_cluster, r
         wait_for_port(r.scp_port, process=r.scp.popen, timeout=60)
         time.sleep(3)
         assert emulator.stats()["submits"] == 1 and len(r.jobs(key)) == 1
+
+
+def test_a_job_pod_killed_while_its_submit_is_in_flight_submits_once_more_and_says_so(
+        kube_cluster, node_agent, relay, make_peers, tmp_path):
+    from tests.support.tcp_proxy import TcpProxy
+
+    emulator, pacs = make_peers(2.0)
+    with TcpProxy("127.0.0.1", emulator.port) as proxy:
+        proxy.hold_answers_to(b"POST")  # the server stores the task; the pod never hears of it
+        r = relay(POST_TIMEOUT="120")
+        r.apply(manifest("ct", f"http://127.0.0.1:{proxy.port}", "toy", pacs, modality="^CT$"))
+        wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
+        files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+        key = key_of(files)
+        r.send(files)
+        job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the first submit")
+        first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
+        pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
+
+        os.kill(pids["task"], signal.SIGKILL)
+        proxy.hold_answers_to()  # the next pod's answer comes through
+
+        r.wait_series_phase(key, "Succeeded", timeout=180)
+    assert emulator.stats()["submits"] == 2 and len(pacs.wait_for_files(1)) == 1
+    second = next(p["metadata"]["name"] for p in kube_cluster.job_pods(r.namespace, job.metadata.name)
+                  if p["metadata"]["name"] != first_pod)
+    assert "WARNING possible duplicate" in kube_cluster.pod_log(r.namespace, second)
+    assert "PossibleDuplicateSubmit" in {e.reason for e in r.events(resource_name(key))}
