@@ -354,6 +354,16 @@ def test_operator_killed_while_jobs_run_creates_no_duplicate(kube_cluster, relay
     assert len((r.series(key) or {})["status"]["tasks"]) == 1
 
 
+def kill_the_pod_after_its_submit(kube_cluster, node_agent, r, emulator, key):
+    """SIGKILL the first pod of the series' Job once the emulator has its submit: (Job, pod name)."""
+    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
+    wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
+    first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
+    pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
+    os.kill(pids["task"], signal.SIGKILL)
+    return job, first_pod
+
+
 def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_cluster, node_agent, relay, make_peers,
                                                                    tmp_path):
     emulator, pacs = make_peers(6.0)
@@ -363,12 +373,8 @@ def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_clust
     files = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
     key = key_of(files)
     r.send(files)
-    job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
-    wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the submit")
-    first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
-    pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
 
-    os.kill(pids["task"], signal.SIGKILL)
+    job, first_pod = kill_the_pod_after_its_submit(kube_cluster, node_agent, r, emulator, key)
 
     kube_cluster.wait_job_condition(r.namespace, job.metadata.name, "Complete", timeout=180)
     pods = kube_cluster.job_pods(r.namespace, job.metadata.name)
@@ -569,12 +575,8 @@ def test_a_job_pod_killed_while_its_submit_is_in_flight_submits_once_more_and_sa
         files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
         key = key_of(files)
         r.send(files)
-        job = wait_until(lambda: (jobs := r.jobs(key)) and jobs[0], 60, "a Job")
-        wait_until(lambda: emulator.stats()["submits"] == 1, 60, "the first submit")
-        first_pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
-        pids = wait_until(lambda: node_agent.pod_pids(r.namespace, first_pod), 30, "the pod's process")
 
-        os.kill(pids["task"], signal.SIGKILL)
+        job, first_pod = kill_the_pod_after_its_submit(kube_cluster, node_agent, r, emulator, key)
         proxy.hold_answers_to()  # the next pod's answer comes through
 
         r.wait_series_phase(key, "Succeeded", timeout=180)
