@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=3, help="senders at once (default: %(default)s)")
     parser.add_argument("--kill-every", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"),
                         help="seconds between kills, uniformly at random (default: 1 4)")
+    parser.add_argument("--model-seconds", type=float, default=0.5,
+                        help="how long the emulator's model takes; longer keeps more tasks (and, on "
+                        "Kubernetes, Job pods) running to be killed (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, help="where everything goes (default: a new temporary folder)")
     parser.add_argument("--settle-timeout", type=float, default=600.0,
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"isdr-chaos-{args.mode}-"))
     config = ChaosConfig(mode=args.mode, kills=args.kills, series=args.series, workdir=workdir,
                          senders=args.senders, kill_every=tuple(args.kill_every), seed=args.seed,
-                         settle_timeout=args.settle_timeout)
+                         settle_timeout=args.settle_timeout, emulator_delay=args.model_seconds)
     print(f"chaos: {args.mode}, {args.kills} kills, {args.series} series; everything in {workdir}", flush=True)
     if args.mode == "kube":
         report = _with_control_plane(config, workdir)

@@ -80,6 +80,7 @@ class ChaosConfig:
 @dataclass(frozen=True)
 class SeriesFiles:
     series_uid: str
+    study_uid: str  # one study per series: a prediction names its study, so its series
     protocol: str  # which fingerprint matches it: "v1" or "v2"
     files: tuple[Path, ...]
 
@@ -159,8 +160,8 @@ def make_series(folder: Path, count: int, instances: tuple[int, int], rng: rando
         protocol = "v1" if index % 2 else "v2"
         files = write_ct_series(folder / f"s{index:04d}", count=rng.randint(*instances), rows=8, cols=8,
                                 series_description=f"chaos {protocol} {index}", patient_id=f"CHAOS{index:04d}")
-        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        made.append(SeriesFiles(uid, protocol, tuple(files)))
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        made.append(SeriesFiles(str(first.SeriesInstanceUID), str(first.StudyInstanceUID), protocol, tuple(files)))
     return made
 
 
@@ -269,7 +270,8 @@ class ChaosReport:
     tasks_failed: list[str] = field(default_factory=list)
     tasks_given_up: list[str] = field(default_factory=list)  # submit outcome unknown twice
     stuck: list[str] = field(default_factory=list)
-    destination_duplicates: int = 0
+    destination_duplicates: int = 0  # another prediction for a generation already delivered
+    resent_copies: int = 0  # the same prediction (SOP Instance UID) stored again
     deliveries: int = 0
     settle_seconds: float = 0.0
     duration: float = 0.0
@@ -321,7 +323,8 @@ class ChaosReport:
             ("tasks Failed by the at-most-once rule", str(len(self.tasks_given_up))),
             ("series stuck", str(len(self.stuck))),
             ("predictions delivered", str(self.deliveries)),
-            ("duplicates at the destination", str(self.destination_duplicates)),
+            ("duplicates at the destination (a 2nd result of one generation)", str(self.destination_duplicates)),
+            ("the same prediction stored again (same SOP Instance UID)", str(self.resent_copies)),
             ("settle time", f"{self.settle_seconds:.0f} s"),
             ("duration", f"{self.duration:.0f} s"),
         ]
@@ -359,8 +362,23 @@ def job_records(pod_logs: list[str]) -> dict[str, float]:
     return found
 
 
-def count(report: ChaosReport, journal: Journal, submits: list[Submit], records: dict[str, float],
-          stored: set[tuple[str, str]], pacs_files: list[Path], submit_killers: tuple[str, ...]) -> None:
+def recorded_uids(storage_root: Path) -> set[str]:
+    """The uids in the relay's task records (kept until a series is forgotten): the truth of what
+    the relay knew, where a log line may be missing (killed between the record and the line)."""
+    found = set()
+    for path in (Path(storage_root) / "state" / "tasks").glob("*.json"):
+        try:
+            uid = json.loads(path.read_text())["task"].get("inference_uid")
+        except (OSError, ValueError, KeyError):
+            continue
+        if uid:
+            found.add(uid)
+    return found
+
+
+def count(report: ChaosReport, journal: Journal, submits: list[Submit], records: dict[str, float | None],
+          stored: set[tuple[str, str]], pacs_files: list[Path], submit_killers: tuple[str, ...],
+          series_of_study: dict[str, str]) -> None:
     acknowledged = journal.acknowledged()
     report.acknowledged = len(acknowledged)
     submitted = {(series, sop) for s in submits for series in s.series_uids for sop in s.sop_uids}
@@ -369,7 +387,7 @@ def count(report: ChaosReport, journal: Journal, submits: list[Submit], records:
     report.unreadable_submits = sum(not s.readable for s in submits)
     groups = Counter((s.model, s.series_uids, s.sop_uids) for s in submits if s.readable)
     report.duplicate_submits = sum(n - 1 for n in groups.values())
-    report.windows = [records[s.uid] - s.created_at for s in submits if s.uid in records]
+    report.windows = [records[s.uid] - s.created_at for s in submits if records.get(s.uid) is not None]
     unrecorded = [s for s in submits if s.uid not in records]
     report.unrecorded_submits = len(unrecorded)
     kills = sorted((k for k in report.kills if k.victim in submit_killers), key=lambda k: k.at)
@@ -384,14 +402,22 @@ def count(report: ChaosReport, journal: Journal, submits: list[Submit], records:
             matched.add(id(kill))
             report.submits_cut_by_a_kill += 1
     report.kills_in_window = len(matched)
-    copies = Counter()
+    # At the destination: each generation of a series that the relay ran (a recorded submit) gives
+    # one prediction. A second distinct prediction for it would be a duplicate run delivered; the
+    # same prediction stored twice is a delivery repeated after a kill between the destination's
+    # answer and the relay's record (same SOP Instance UID: the destination's own identity).
+    copies, predictions = Counter(), defaultdict(set)
     for path in pacs_files:
         try:
-            copies[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - storescp's own files
             continue
+        copies[str(ds.SOPInstanceUID)] += 1
+        predictions[series_of_study.get(str(ds.StudyInstanceUID), "?")].add(str(ds.SOPInstanceUID))
+    runs = Counter(series for s in submits if s.uid in records for series in s.series_uids)
     report.deliveries = sum(copies.values())
-    report.destination_duplicates = sum(n - 1 for n in copies.values())
+    report.resent_copies = sum(n - 1 for n in copies.values())
+    report.destination_duplicates = sum(max(0, len(uids) - runs[series]) for series, uids in predictions.items())
 
 
 def stored_instances(root: Path) -> set[tuple[str, str]]:
@@ -433,6 +459,9 @@ class Chaos:
         self.recorder = SubmitRecorder(self.emulator.data_dir)
         self.recorder.start()
         self.series = make_series(self.workdir / "series", config.series, config.instances, self.rng)
+
+    def series_of_study(self) -> dict[str, str]:
+        return {series.study_uid: series.series_uid for series in self.series}
 
     def fingerprints(self) -> list[dict]:
         return [_fingerprint_manifest("chaos-v1", self.emulator.v1_tasks_url, "v1", self.pacs),
@@ -525,9 +554,9 @@ def _run_mode(chaos: Chaos) -> None:
         relay.stop()
     report = chaos.report
     chaos.recorder.scan()
-    records = run_records(log_text)
+    records = {**{uid: None for uid in recorded_uids(relay.data_dir)}, **run_records(log_text)}
     count(report, chaos.journal, list(chaos.recorder.submits.values()), records, stored_instances(relay.data_dir),
-          chaos.pacs.files(), ("relay",))
+          chaos.pacs.files(), ("relay",), chaos.series_of_study())
     for task_id, message in _RUN_FAILED.findall(log_text):
         (report.tasks_given_up if "submits is unknown" in message else report.tasks_failed).append(
             f"{task_id}: {message}")
@@ -678,9 +707,9 @@ def _kube_mode(chaos: Chaos, cluster, agent, namespace: str) -> None:
         relay.stop()
     report = chaos.report
     chaos.recorder.scan()
-    records = job_records(relay.pod_logs())
+    records = {**{uid: None for uid in recorded_uids(relay.storage_dir)}, **job_records(relay.pod_logs())}
     count(report, chaos.journal, list(chaos.recorder.submits.values()), records,
-          stored_instances(relay.storage_dir), chaos.pacs.files(), ("job",))
+          stored_instances(relay.storage_dir), chaos.pacs.files(), ("job",), chaos.series_of_study())
     for body in relay.series():
         for task in (body.get("status") or {}).get("tasks") or []:
             if task.get("phase") == "Failed":
