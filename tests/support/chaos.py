@@ -686,7 +686,7 @@ def _kube_mode(chaos: Chaos, cluster, agent, namespace: str) -> None:
 
         def kill_one() -> str | None:
             pods = relay.running_job_pods()
-            victim = "job" if pods and chaos.rng.random() < 0.5 else chaos.rng.choice(["scp", "operator"])
+            victim = "job" if pods and chaos.rng.random() < 0.7 else chaos.rng.choice(["scp", "operator"])
             if victim == "job":
                 pids = agent.pod_pids(namespace, chaos.rng.choice(pods))
                 try:
