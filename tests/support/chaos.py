@@ -362,18 +362,31 @@ def job_records(pod_logs: list[str]) -> dict[str, float]:
     return found
 
 
-def recorded_uids(storage_root: Path) -> set[str]:
-    """The uids in the relay's task records (kept until a series is forgotten): the truth of what
-    the relay knew, where a log line may be missing (killed between the record and the line)."""
-    found = set()
+def task_records(storage_root: Path) -> dict[str, tuple[str, ...]]:
+    """uid -> the instances it was sent, from the relay's task records (kept until a series is
+    forgotten): the truth of what the relay knew, where a log line may be missing (a kill between
+    the record and the line), and what a submit held when the emulator's copy was deleted before
+    the recorder could read it."""
+    found = {}
     for path in (Path(storage_root) / "state" / "tasks").glob("*.json"):
         try:
-            uid = json.loads(path.read_text())["task"].get("inference_uid")
+            document = json.loads(path.read_text())
+            uid = document["task"].get("inference_uid")
         except (OSError, ValueError, KeyError):
             continue
         if uid:
-            found.add(uid)
+            found[uid] = tuple(document.get("instances") or ())
     return found
+
+
+def fill_from_records(submits: list[Submit], records: dict[str, tuple[str, ...]], journal: Journal) -> None:
+    """Submits the recorder missed (the relay deleted the task first), told by the relay's records."""
+    series_of = {sop: series for _, series, sop, _ in journal.answers}
+    for submit in submits:
+        if not submit.readable and records.get(submit.uid):
+            submit.sop_uids = frozenset(records[submit.uid])
+            submit.series_uids = frozenset(series_of[sop] for sop in submit.sop_uids if sop in series_of)
+            submit.readable = True
 
 
 def count(report: ChaosReport, journal: Journal, submits: list[Submit], records: dict[str, float | None],
@@ -554,7 +567,9 @@ def _run_mode(chaos: Chaos) -> None:
         relay.stop()
     report = chaos.report
     chaos.recorder.scan()
-    records = {**{uid: None for uid in recorded_uids(relay.data_dir)}, **run_records(log_text)}
+    known = task_records(relay.data_dir)
+    fill_from_records(list(chaos.recorder.submits.values()), known, chaos.journal)
+    records = {**{uid: None for uid in known}, **run_records(log_text)}
     count(report, chaos.journal, list(chaos.recorder.submits.values()), records, stored_instances(relay.data_dir),
           chaos.pacs.files(), ("relay",), chaos.series_of_study())
     for task_id, message in _RUN_FAILED.findall(log_text):
@@ -707,7 +722,9 @@ def _kube_mode(chaos: Chaos, cluster, agent, namespace: str) -> None:
         relay.stop()
     report = chaos.report
     chaos.recorder.scan()
-    records = {**{uid: None for uid in recorded_uids(relay.storage_dir)}, **job_records(relay.pod_logs())}
+    known = task_records(relay.storage_dir)
+    fill_from_records(list(chaos.recorder.submits.values()), known, chaos.journal)
+    records = {**{uid: None for uid in known}, **job_records(relay.pod_logs())}
     count(report, chaos.journal, list(chaos.recorder.submits.values()), records,
           stored_instances(relay.storage_dir), chaos.pacs.files(), ("job",), chaos.series_of_study())
     for body in relay.series():
