@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 K8S_ASSETS_SCRIPT := hack/k8s/ensure-binaries.sh
 
-.PHONY: setup system-deps python-deps k8s-binaries image demo test test-fast bench clean
+.PHONY: setup system-deps python-deps k8s-binaries image demo test test-fast bench chaos clean
 
 ## setup: install everything the relay and its tests need (dcmtk, the Python environment, Kubernetes binaries)
 setup: system-deps python-deps k8s-binaries
@@ -46,6 +46,15 @@ test-fast: python-deps
 ## bench: receive throughput of `isdr run` next to dcmtk's storescp
 bench: system-deps python-deps
 	$(BIN)/python scripts/bench_receive.py $(BENCH_ARGS)
+
+## chaos: the long crash test, one mode after the other (SIGKILLs at random moments while senders stream;
+##        docs/lifecycle.md). CHAOS_KILLS, CHAOS_SERIES_RUN, CHAOS_SERIES_KUBE, CHAOS_ARGS to change it
+CHAOS_KILLS ?= 50
+CHAOS_SERIES_RUN ?= 300
+CHAOS_SERIES_KUBE ?= 100
+chaos: setup image
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/chaos.py run --kills $(CHAOS_KILLS) --series $(CHAOS_SERIES_RUN) $(CHAOS_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/chaos.py kube --kills $(CHAOS_KILLS) --series $(CHAOS_SERIES_KUBE) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-data benchmark-data .pytest_cache

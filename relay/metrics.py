@@ -241,27 +241,22 @@ class CountingSink:
 
 
 class ObservedInferenceClient:
-    """An InferenceClient that counts failed requests and submits that may run a model twice.
+    """An InferenceClient that counts failed requests.
 
     A poll answered with a transient error (state 'error', or v2's 500 'gone') counts as a failed
-    request too. A submit
-    that follows a submit whose failure says it may have reached the server (`maybe_accepted`) is
-    a possible duplicate: that task may now exist twice on the server."""
+    request too. Possible duplicate submits are counted where the one rule that allows them is
+    applied (relay.pipeline, after relay.lifecycle.submit_decision said REPEAT), in `isdr run` and
+    in a Job alike."""
 
     def __init__(self, client):
         self.client = client
-        self._outcome_unknown = False
 
     def submit(self, archive, model):
-        if self._outcome_unknown:
-            possible_duplicate_submit()
         try:
-            uid = self.client.submit(archive, model)
-        except Exception as exc:
+            return self.client.submit(archive, model)
+        except Exception:
             inference_error("submit")
-            self._outcome_unknown = self._outcome_unknown or bool(getattr(exc, "maybe_accepted", False))
             raise
-        return uid
 
     def poll(self, uid, *args, **kwargs):
         try:

@@ -291,17 +291,15 @@ class TaskRunner:
         decision = submit_decision(state)
         if decision == SubmitDecision.GIVE_UP:
             raise SubmitGivenUp(give_up_message(state))
-        if decision == SubmitDecision.REPEAT:
-            # After a restart (a repeat in this process is counted by the observed client).
-            metrics.possible_duplicate_submit()
         files = self._fetch(spec, work / "input" / spec.series.slug)
         archive = build_input_archive(client.archive_format(), {spec.series.slug: files},
                                       work / f"input.{client.archive_format()}")
         server = spec.fingerprint.inference_server
         recorded = _RecordedSubmits(client, self, state)
         while True:
-            if decision == SubmitDecision.REPEAT:
+            if decision == SubmitDecision.REPEAT:  # after a restart, or an answer that never came
                 self.warn(repeat_warning(recorded.state))
+                metrics.possible_duplicate_submit()
             try:
                 uid = submit_with_retry(
                     recorded, archive, server.model,

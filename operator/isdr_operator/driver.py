@@ -313,6 +313,8 @@ class SeriesDriver:
             except Conflict:
                 continue
             if first_uid and record.unknown_submits:
+                # The Job's pod counted its repeat too, but nobody scrapes it: the operator does.
+                metrics.possible_duplicate_submit()
                 self.api.event(body, "PossibleDuplicateSubmit", f"Job {entry['job']}: {possible_duplicate_note(record)}",
                                warning=True)
             if phase in TERMINAL_TASK_PHASES and before not in TERMINAL_TASK_PHASES:

@@ -17,7 +17,8 @@ import pytest
 from isdr_devtools.synthetic import write_ct_series
 from tests.support.emulator import EmulatorProcess
 from tests.support.fingerprints import manifest
-from tests.support.processes import wait_until
+from tests.support.processes import free_port, wait_until
+from tests.support.prometheus import scrape
 from tests.support.small_disk import SmallDisk
 from tests.support.tcp_proxy import TcpProxy
 
@@ -114,15 +115,22 @@ def test_ignored_late_instances_are_kept_until_the_retention_and_then_deleted_wi
 # --- submit at most once -------------------------------------------------------------------------
 
 
+def possible_duplicates(relay) -> float:
+    return scrape(int(relay.env["METRICS_PORT"]))[1][("isdr_possible_duplicate_submits_total", ())]
+
+
 def test_a_kill_while_the_submit_is_in_flight_repeats_it_at_most_once(tmp_path, slow_emulator, proxied,
                                                                       pacs, relays):
     # The server stores the task; the relay never hears of it.
-    relay = relay_behind(proxied, relays, pacs, tmp_path, (b"POST",), POST_TIMEOUT="120")
+    relay = relay_behind(proxied, relays, pacs, tmp_path, (b"POST",), POST_TIMEOUT="120",
+                         METRICS_PORT=str(free_port()))
 
     wait_until(lambda: slow_emulator.stats()["submits"] == 1, 60, "the first submit")
+    assert possible_duplicates(relay) == 0
     relay.kill()
     relay.start()
     wait_until(lambda: slow_emulator.stats()["submits"] == 2, 60, "the one repeat")
+    assert possible_duplicates(relay) == 1  # the restarted process counts the repeat it sent
     relay.kill()
     relay.start()
 
@@ -136,11 +144,13 @@ def test_a_kill_while_the_submit_is_in_flight_repeats_it_at_most_once(tmp_path, 
 
 def test_a_submit_whose_answer_never_comes_is_repeated_once_then_the_task_fails(tmp_path, slow_emulator,
                                                                                proxied, pacs, relays):
-    relay = relay_behind(proxied, relays, pacs, tmp_path, (b"POST",), POST_TIMEOUT="2")
+    relay = relay_behind(proxied, relays, pacs, tmp_path, (b"POST",), POST_TIMEOUT="2",
+                         METRICS_PORT=str(free_port()))
 
     wait_until(lambda: slow_emulator.stats()["submits"] == 2, 30, "the one repeat")
     time.sleep(8)  # more than two more time-outs and a retry's back-off
     assert slow_emulator.stats()["submits"] == 2
+    assert possible_duplicates(relay) == 1
     log = relay.wait_for_log(r"task failed: the outcome of 2 submits is unknown")
     assert "possible duplicate" in log
 

@@ -7,8 +7,6 @@ node agent, dcmtk, the emulator), each serving /metrics on a port of its own.
 from __future__ import annotations
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from isdr_devtools.synthetic import write_ct_series
 from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
@@ -19,6 +17,7 @@ from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
     peers,
 )
 from tests.support.processes import free_port, wait_for_port, wait_until
+from tests.support.prometheus import scrape
 
 pytestmark = pytest.mark.kube
 
@@ -40,13 +39,6 @@ class MeteredRelay(Relay):
             super().start_operator()
         finally:
             self.env = receiver_env
-
-
-def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    return text, samples
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from tests.support.dicom_peers import StoreSCP, storescu
 from tests.support.emulator import EmulatorProcess
 from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until, ManagedProcess, free_port, require_dcmtk, wait_for_port
+from tests.support.prometheus import scrape
 
 pytestmark = pytest.mark.kube
 
@@ -162,8 +163,9 @@ def relay(kube_cluster, node_agent, kube_namespace, tmp_path):
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "isdr"}})
     made = []
 
-    def make(**env) -> Relay:
-        r = Relay(kube_cluster, node_agent, kube_namespace, tmp_path / f"relay{len(made)}", env)
+    def make(kind=None, **env) -> Relay:
+        """A started Relay (or `kind`, a subclass of it) with `env` on top of the test environment."""
+        r = (kind or Relay)(kube_cluster, node_agent, kube_namespace, tmp_path / f"relay{len(made)}", env)
         r.workdir.mkdir(parents=True, exist_ok=True)
         made.append(r)
         return r.start()
@@ -569,7 +571,9 @@ def test_a_job_pod_killed_while_its_submit_is_in_flight_submits_once_more_and_sa
     emulator, pacs = make_peers(2.0)
     with TcpProxy("127.0.0.1", emulator.port) as proxy:
         proxy.hold_answers_to(b"POST")  # the server stores the task; the pod never hears of it
-        r = relay(POST_TIMEOUT="120")
+        from tests.kube.test_metrics_on_kubernetes import MeteredRelay
+
+        r = relay(MeteredRelay, POST_TIMEOUT="120")
         r.apply(manifest("ct", f"http://127.0.0.1:{proxy.port}", "toy", pacs, modality="^CT$"))
         wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
         files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
@@ -585,3 +589,5 @@ def test_a_job_pod_killed_while_its_submit_is_in_flight_submits_once_more_and_sa
                   if p["metadata"]["name"] != first_pod)
     assert "WARNING possible duplicate" in kube_cluster.pod_log(r.namespace, second)
     assert "PossibleDuplicateSubmit" in {e.reason for e in r.events(resource_name(key))}
+    # The pod's count is never scraped: the operator counts the repeat it learnt of.
+    assert scrape(r.operator_metrics)[1][("isdr_possible_duplicate_submits_total", ())] == 1

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import ManagedProcess, free_port, missing, wait_for_port, wait_until
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """A process's /metrics on `port`: the text, and every sample by (name, sorted labels)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    return text, samples
 
 
 def require_prometheus() -> str:

@@ -198,18 +198,6 @@ def test_a_polls_time_limit_reaches_the_client_and_v2s_500_counts_as_a_failed_po
     assert value("isdr_inference_errors_total", operation="poll") - before == 1
 
 
-def test_a_submit_after_one_that_may_have_reached_the_server_is_a_possible_duplicate():
-    client = metrics.ObservedInferenceClient(_Client(submits=[
-        ServerUnavailable("read timed out", None, maybe_accepted=True), "uid-2"]))
-    before = value("isdr_possible_duplicate_submits_total")
-
-    with pytest.raises(ServerUnavailable):
-        client.submit("a.zip", "m")
-    client.submit("a.zip", "m")
-
-    assert value("isdr_possible_duplicate_submits_total") - before == 1
-
-
 def test_a_task_duration_is_from_its_start_to_its_end():
     labels = {"fingerprint": "duration-rule", "outcome": "succeeded"}
     metrics.task_finished("t-1", "duration-rule", "Succeeded", started_at=1000.0, finished_at=1090.0)
