@@ -484,6 +484,27 @@ def task_phase_from_job(outcome: JobOutcome, job_message: str,
     return (record.phase if record else TaskPhase.PENDING), recorded
 
 
+class PendingTaskAction(StrEnum):
+    """What the operator does with a task its DicomSeries shows as Pending."""
+
+    CREATE_JOB = "create-job"  # (again: AlreadyExists means it is there)
+    ASK_FOR_JOB = "ask-for-job"  # its fingerprint is gone: whether its Job exists decides
+    LEAVE = "leave"  # its Job exists and carries the fingerprint as dispatched: it runs on
+    FAIL = "fail"  # no Job, and no fingerprint to make one from
+
+
+def pending_task_action(fingerprint_known: bool, job_exists: bool | None = None) -> PendingTaskAction:
+    """A Pending task is not a task without a Job: Pending is also what a Job whose pod has not
+    recorded anything yet reports (task_phase_from_job). So a deleted fingerprint fails a Pending
+    task only when its Job does not exist; a Job that does exists carries a snapshot of the
+    fingerprint and runs to its end. `job_exists` is asked for (ASK_FOR_JOB) only when it matters."""
+    if fingerprint_known:
+        return PendingTaskAction.CREATE_JOB
+    if job_exists is None:
+        return PendingTaskAction.ASK_FOR_JOB
+    return PendingTaskAction.LEAVE if job_exists else PendingTaskAction.FAIL
+
+
 def accept_task_phase(before: str | None, after: TaskPhase) -> bool:
     """A finished task stays finished: a stale event (an older record, a Job event delivered
     late) never moves a task out of Succeeded or Failed, nor between them."""

@@ -36,6 +36,7 @@ from relay.lifecycle import (
     Forget,
     ListStorage,
     NoteArrivals,
+    PendingTaskAction,
     Reopen,
     SeriesPhase,
     SeriesState,
@@ -50,6 +51,7 @@ from relay.lifecycle import (
     arrivals_note,
     forget_note,
     next_step,
+    pending_task_action,
     possible_duplicate_note,
     task_phase_from_job,
     with_stored,
@@ -173,11 +175,14 @@ class SeriesDriver:
             if task.phase != TaskPhase.PENDING:
                 continue
             fingerprint_body = self.fingerprints.body(task.fingerprint)
-            if fingerprint_body is None:
-                if not self.api.job_exists(task.task_id):  # a Job carries its fingerprint: it runs on
-                    self._fail_task(body, task.task_id, f"fingerprint {task.fingerprint} was deleted "
-                                    "before its Job could be created")
-                    metrics.task_finished(task.task_id, task.fingerprint, TaskPhase.FAILED)
+            action = pending_task_action(fingerprint_body is not None)
+            if action == PendingTaskAction.ASK_FOR_JOB:
+                action = pending_task_action(False, self.api.job_exists(task.task_id))
+            if action == PendingTaskAction.FAIL:
+                self._fail_task(body, task.task_id, f"fingerprint {task.fingerprint} was deleted "
+                                "before its Job could be created")
+                metrics.task_finished(task.task_id, task.fingerprint, TaskPhase.FAILED)
+            if action != PendingTaskAction.CREATE_JOB:
                 continue
             job = build_job(task=task, key=state.key, series_name=name, fingerprint_body=fingerprint_body,
                             settings=self.settings.jobs, relay_get_timeout=self.settings.relay.get_timeout)

@@ -391,17 +391,27 @@ def test_job_pod_killed_while_polling_resumes_without_a_second_submit(kube_clust
 def test_fingerprint_edited_and_deleted_while_its_task_runs(kube_cluster, relay, make_peers, tmp_path):
     emulator, pacs = make_peers(4.0)
     r = relay()
+    # No pod may start yet: the Job exists and its task stays Pending (no pod, no record), the
+    # moment in which a deleted fingerprint used to fail it as if no Job had been created.
+    quota = {"metadata": {"name": "no-pods-yet"}, "spec": {"hard": {"pods": "0"}}}
+    kube_cluster.core.create_namespaced_resource_quota(r.namespace, quota)
     r.apply(fingerprint_manifest("ct", emulator, pacs))
     wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the fingerprint to be seen")
     files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
     key = key_of(files)
     r.send(files)
     wait_until(lambda: r.jobs(key), 60, "a Job")
+    assert [t["phase"] for t in r.series(key)["status"]["tasks"]] == ["Pending"]
 
-    # Edited (to a model that would fail), then deleted, while the task runs.
+    # Edited (to a model that would fail), then deleted, while the task waits for its pod.
     kube_cluster.kubectl("patch", "fingerprint", "ct", "-n", r.namespace, "--type=merge",
                          "-p", '{"spec": {"inferenceServer": {"model": "fail"}}}')
     kube_cluster.kubectl("delete", "fingerprint", "ct", "-n", r.namespace, "--wait=true")
+    wait_until(lambda: "fingerprint ct deleted" in r.operator_log(), 30, "the operator to see the deletion")
+    kube_cluster.kubectl("annotate", PLURAL, resource_name(key), "-n", r.namespace, "test/look=again")  # a step
+    time.sleep(2)
+    assert [t["phase"] for t in r.series(key)["status"]["tasks"]] == ["Pending"], r.operator_log()[-3000:]
+    kube_cluster.core.delete_namespaced_resource_quota("no-pods-yet", r.namespace)
 
     # The Job carries the fingerprint as dispatched: it finishes, and the series with it.
     r.wait_series_phase(key, "Succeeded", timeout=120)

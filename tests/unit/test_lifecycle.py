@@ -8,10 +8,10 @@ import pytest
 from relay.fingerprints.model import (Destination, Fingerprint, InferenceServerRef, MatchRules,
                                       SeriesAttributes)
 from relay.lifecycle import (Cleanup, Dispatch, DropUnmatched, Finish, Forget, JobOutcome, LatePolicy,
-                             ListStorage, NoteArrivals, Reopen, Rules, SeriesPhase, SubmitDecision,
+                             ListStorage, NoteArrivals, PendingTaskAction, Reopen, Rules, SeriesPhase, SubmitDecision,
                              TaskPhase, TaskState, Wait, accept_task_phase, apply_cleanup, apply_dispatch,
                              apply_finish, apply_note_arrivals, apply_reopen, arrivals_note, new_series,
-                             next_step, on_instance, progress, submit_decision, task_id, task_phase_from_job,
+                             next_step, on_instance, pending_task_action, progress, submit_decision, task_id, task_phase_from_job,
                              update_task, with_stored)
 from relay.uids import SeriesKey
 
@@ -288,6 +288,22 @@ def test_a_failed_jobs_reason_is_added_to_the_tasks_own_message():
     phase, message = task_phase_from_job(JobOutcome.FAILED, "DeadlineExceeded: too long",
                                          task(phase=TaskPhase.RUNNING, message="polling"))
     assert (phase, message) == (TaskPhase.FAILED, "polling (DeadlineExceeded: too long)")
+
+
+def test_a_pending_task_whose_fingerprint_exists_gets_its_job():
+    assert pending_task_action(fingerprint_known=True) == PendingTaskAction.CREATE_JOB
+
+
+def test_a_pending_task_whose_job_was_created_runs_on_after_its_fingerprint_is_deleted():
+    # Pending is also a created Job whose pod has recorded nothing yet: only the Job's absence
+    # makes a deleted fingerprint fatal, and it is asked for only then.
+    assert task_phase_from_job(JobOutcome.RUNNING, "", None)[0] == TaskPhase.PENDING
+    assert pending_task_action(fingerprint_known=False) == PendingTaskAction.ASK_FOR_JOB
+    assert pending_task_action(fingerprint_known=False, job_exists=True) == PendingTaskAction.LEAVE
+
+
+def test_a_pending_task_without_a_job_fails_when_its_fingerprint_is_deleted():
+    assert pending_task_action(fingerprint_known=False, job_exists=False) == PendingTaskAction.FAIL
 
 
 def test_a_finished_task_stays_finished_whatever_event_comes_late():
