@@ -8,7 +8,7 @@
 Prints a table (acknowledged instances, lost, duplicate submits counted at the InferenceServer,
 kills inside the accept-to-record window and the window's width, tasks wrongly Failed, series
 stuck, duplicates at the destination) and exits 1 when a target is missed. The short runs of the
-test suite (tests/integration/test_chaos.py, tests/kube/test_chaos.py) are the same code with
+test suite (tests/integration/test_chaos.py, tests/kube/test_operator_chaos.py) are the same code with
 about 10 kills. Needs what `make test` installs (dcmtk, the .venv, the Kubernetes binaries).
 """
 

@@ -20,7 +20,7 @@ the evidence is counted where it is, never from the relay's own say-so:
     print(report.table()); assert not report.violations()
 
 scripts/chaos.py is the command line (long runs); tests/integration/test_chaos.py and
-tests/kube/test_chaos.py run short ones as part of the suite.
+tests/kube/test_operator_chaos.py run short ones as part of the suite.
 """
 
 from __future__ import annotations
