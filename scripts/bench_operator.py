@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.kube.series_resource import GROUP, PLURAL, VERSION, resource_name, to_rfc3339  # noqa: E402
+from relay.kube.resources import GROUP, VERSION, resource_name, to_rfc3339  # noqa: E402
+from relay.kube.resources import SERIES_PLURAL as PLURAL  # noqa: E402
 from relay.uids import SeriesKey  # noqa: E402
 from tests.support.controlplane import ControlPlane  # noqa: E402
 from tests.support.kube import KubeCluster, assets_dir  # noqa: E402

@@ -15,9 +15,9 @@ def run_operator(args) -> int:
     import kopf
 
     from relay.cli_common import setup_logging
+    from relay.kube.api import KubeApi
 
     from isdr_operator import handlers, observability
-    from isdr_operator.kube_api import OperatorApi
     from isdr_operator.peering import Gate, own_identity
     from isdr_operator.runtime import Runtime
     from isdr_operator.settings import load_operator_settings
@@ -31,7 +31,7 @@ def run_operator(args) -> int:
     setup_logging(settings.relay.log_level)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same kubeconfig
-    api = OperatorApi(connection.api_client, settings.namespace)
+    api = KubeApi(connection.api_client, settings.namespace, component="isdr-operator")
     identity = own_identity()
     if args.standalone:
         gate = Gate.standalone(identity)

@@ -16,19 +16,27 @@ from dataclasses import replace
 
 from relay import metrics
 from relay.fingerprints.matching import matching_fingerprints
-from relay.kube.publisher import Conflict, NotFound
-from relay.kube.series_resource import (
+from relay.kube.api import CONFLICT_ATTEMPTS, Conflict, KubeApi, NotFound
+from relay.kube.resources import (
+    FAILED_TASKS,
     LABEL_SERIES,
     LABEL_TASK,
+    MATCHED_SERIES,
+    SUCCEEDED_TASKS,
+    EventReason,
+    TaskReport,
+    counter_status,
     decision_status,
+    dispatch_status,
+    failed_task_status,
+    finish_status,
     from_rfc3339,
+    has_received,
+    job_outcome,
     series_state,
-    task_entry,
-    tasks_status,
-    to_rfc3339,
+    task_change,
 )
 from relay.lifecycle import (
-    TERMINAL_TASK_PHASES,
     Cleanup,
     Dispatch,
     DropUnmatched,
@@ -42,7 +50,6 @@ from relay.lifecycle import (
     SeriesState,
     TaskPhase,
     Wait,
-    accept_task_phase,
     apply_cleanup,
     apply_dispatch,
     apply_finish,
@@ -61,21 +68,18 @@ from relay.state_store import DispatchStore, TaskStore, read_task
 from relay.storage.base import Storage
 from relay.storage.instances import stored_instances
 
-from isdr_operator.conditions import condition, set_condition
 from isdr_operator.fingerprints import FingerprintSet
-from isdr_operator.jobs import build_job, job_outcome
-from isdr_operator.kube_api import OperatorApi
+from isdr_operator.jobs import build_job
 from isdr_operator.settings import OperatorSettings
 
 log = logging.getLogger("isdr_operator.series")
 
 TASK_CHECK_INTERVAL = 30.0  # a safety net: Job events normally drive a dispatched series
 RETRY_AFTER_ERROR = 5.0
-CONFLICT_ATTEMPTS = 5
 
 
 class SeriesDriver:
-    def __init__(self, api: OperatorApi, settings: OperatorSettings, storage: Storage,
+    def __init__(self, api: KubeApi, settings: OperatorSettings, storage: Storage,
                  fingerprints: FingerprintSet, clock=time.time):
         from relay.config import lifecycle_rules
 
@@ -104,7 +108,7 @@ class SeriesDriver:
 
     def _step(self, body: dict) -> float | None:
         now = self.clock()
-        if not (body.get("status") or {}).get("lastReceived"):
+        if not has_received(body):
             return None  # just created; the receiver's status write (an event) brings it back
         state = series_state(body)
         if state.phase == SeriesPhase.DISPATCHED:
@@ -139,32 +143,26 @@ class SeriesDriver:
         # that no record knows of.
         dispatched = apply_dispatch(state, step, now)
         self.dispatches.save(state.key, dispatched.dispatches[-1])
-        status = body.get("status") or {}
         new_tasks = [t for t in dispatched.tasks if t.generation == step.generation]
-        entries = list(status.get("tasks") or []) + [task_entry(t, now) for t in new_tasks]
-        body = self.api.patch_series_status(body, {
-            **decision_status(dispatched),
-            "dispatchedInstances": len(step.instances),
-            "dispatchedTime": to_rfc3339(now),
-            **tasks_status(entries),
-        })
+        body = self._write(body, dispatch_status(body, dispatched, new_tasks, len(step.instances), now))
         self._ensure_jobs(body, series_state(body))
         waited = now - state.last_received
         message = (f"dispatch #{step.generation} matched {', '.join(step.fingerprints)}: Jobs "
                    f"{', '.join(t.task_id for t in new_tasks)} ({len(step.instances)} instances, quiet for "
                    f"{waited:.1f}s)")
-        self.api.event(body, "Dispatched", message)
+        self.api.event(body, EventReason.DISPATCHED, message)
         log.info("series %s: %s", state.key.series_uid, message)
         for task in new_tasks:
-            self._count_on_fingerprint(task.fingerprint, "matchedSeries", body, state, task.task_id)
+            self._count_on_fingerprint(task.fingerprint, MATCHED_SERIES, state, task.task_id)
         return TASK_CHECK_INTERVAL
 
     def _arrivals(self, body, state: SeriesState, step: Reopen | NoteArrivals) -> float:
         after = apply_reopen(state, step) if isinstance(step, Reopen) else apply_note_arrivals(state, step)
-        self.api.patch_series_status(body, decision_status(after))
+        self._write(body, decision_status(after))
         note = arrivals_note(state, step, self.rules)
         late = isinstance(step, Reopen) or step.late_instances > state.late_instances
-        self.api.event(body, "LateInstances" if late else "DuplicateInstances", note, warning=late)
+        self.api.event(body, EventReason.LATE_INSTANCES if late else EventReason.DUPLICATE_INSTANCES, note,
+                       warning=late)
         (log.warning if late else log.info)("series %s: %s", state.key.series_uid, note)
         return 0.05
 
@@ -191,37 +189,25 @@ class SeriesDriver:
                 metrics.task_started(task.task_id, task.fingerprint)
 
     def _fail_task(self, body: dict, task_id: str, message: str) -> None:
-        tasks = [dict(t) for t in (body.get("status") or {}).get("tasks") or []]
-        for entry in tasks:
-            if entry["taskId"] == task_id:
-                entry.update(phase=str(TaskPhase.FAILED), message=message,
-                             completionTime=to_rfc3339(self.clock()))
-        self.api.patch_series_status(body, tasks_status(tasks))
-        self.api.event(body, "TaskFailed", f"{task_id}: {message}", warning=True)
+        self._write(body, failed_task_status(body, task_id, message, self.clock()))
+        self.api.event(body, EventReason.TASK_FAILED, f"{task_id}: {message}", warning=True)
 
     def _drop_unmatched(self, body, state: SeriesState, step: DropUnmatched) -> None:
         message = (f"no Ready Fingerprint matches (modality {state.attributes.modality or '-'}, "
                    f"SOP class {state.key.sop_class_uid}): instances deleted")
-        self.api.event(body, "Unmatched", message)
+        self.api.event(body, EventReason.UNMATCHED, message)
         # The object first, guarded by its resourceVersion: an instance published meanwhile makes
         # this a Conflict and the series is looked at again instead of being dropped.
-        self.api.delete_series(body)
+        self._delete(body)
         self.storage.delete([state.key.instance_key(uid) for uid in step.instances])
         log.info("series %s: %s (%d)", state.key.series_uid, message, len(step.instances))
         return None
 
     def _finish(self, body, state: SeriesState, step: Finish, now: float) -> float:
-        status = body.get("status") or {}
         ok = step.phase == SeriesPhase.SUCCEEDED
-        failed = [t for t in status.get("tasks") or [] if t.get("phase") == TaskPhase.FAILED]
-        message = "every task succeeded" if ok else "; ".join(
-            f"{t['fingerprint']}: {t.get('message', '')}" for t in failed)[:1000]
-        conditions = set_condition(status.get("conditions"), condition(
-            "Complete", True, "TasksSucceeded" if ok else "TaskFailed", message,
-            body["metadata"].get("generation")), now)
-        self.api.patch_series_status(body, {**decision_status(apply_finish(state, step, now)),
-                                            "conditions": conditions})
-        self.api.event(body, str(step.phase), message, warning=not ok)
+        status, message = finish_status(body, apply_finish(state, step, now), ok, now)
+        self._write(body, status)
+        self.api.event(body, EventReason.SUCCEEDED if ok else EventReason.FAILED, message, warning=not ok)
         log.info("series %s %s: %s", state.key.series_uid, step.phase.lower(), message)
         return 0.05
 
@@ -232,20 +218,20 @@ class SeriesDriver:
             log.info("series %s: deleted its %d instances (DELETE_ON_POST)", state.key.series_uid,
                      len(step.delete))
         self._remove_work_folders(state)
-        self.api.patch_series_status(body, decision_status(apply_cleanup(state, step)))
+        self._write(body, decision_status(apply_cleanup(state, step)))
         return 0.05
 
     def _forget(self, body, state: SeriesState, step: Forget) -> None:
         if step.delete:
             self.storage.delete([state.key.instance_key(uid) for uid in step.delete])
             note = forget_note(step)
-            self.api.event(body, "LateInstancesDeleted", note, warning=True)
+            self.api.event(body, EventReason.LATE_INSTANCES_DELETED, note, warning=True)
             log.warning("series %s: %s", state.key.series_uid, note)
         for task in state.tasks:
             TaskStore(self.storage, task.task_id).delete()
         self.dispatches.delete_all(state.key)
         self._remove_work_folders(state)
-        self.api.delete_series(body)
+        self._delete(body)
         finished = f" (finished {self.clock() - state.finished_at:.0f}s ago)" if state.finished_at else ""
         log.info("series %s forgotten%s", state.key.series_uid, finished)
         return None
@@ -257,34 +243,44 @@ class SeriesDriver:
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _count_on_fingerprint(self, fingerprint: str, counter: str, series_body: dict, state,
-                              task_id: str) -> None:
+    def _count_on_fingerprint(self, fingerprint: str, counter: str, state: SeriesState, task_id: str) -> None:
         """Add one to a Fingerprint's status counter (a deleted Fingerprint is no error)."""
         for _ in range(CONFLICT_ATTEMPTS):
             body = self.api.get_fingerprint(fingerprint)
             if body is None:
                 return
-            status = body.get("status") or {}
-            patch = {counter: int(status.get(counter) or 0) + 1}
-            if counter == "matchedSeries":
-                patch["lastMatchTime"] = to_rfc3339(self.clock())
             try:
-                self.api.patch_fingerprint_status(body, patch)
+                self.api.patch_fingerprint_status(fingerprint, counter_status(body, counter, self.clock()),
+                                                  body["metadata"]["resourceVersion"])
             except Conflict:
                 continue
             except NotFound:
                 return
-            if counter == "matchedSeries":
-                self.api.event(body, "Matched", f"series {state.key.series_uid} "
+            if counter == MATCHED_SERIES:
+                self.api.event(body, EventReason.MATCHED, f"series {state.key.series_uid} "
                                f"({state.attributes.modality or '-'}) -> Job {task_id}")
-            elif counter == "failedTasks":
-                self.api.event(body, "TaskFailed", f"Job {task_id} failed", warning=True)
+            elif counter == FAILED_TASKS:
+                self.api.event(body, EventReason.TASK_FAILED, f"Job {task_id} failed", warning=True)
             return
+
+    # --- writes, each guarded by the resourceVersion the decision was made on ---
+
+    def _write(self, body: dict, status: dict) -> dict:
+        """Merge `status` into the DicomSeries if it is still as read (else Conflict)."""
+        meta = body["metadata"]
+        return self.api.patch_series_status(meta["name"], status, meta["resourceVersion"])
+
+    def _delete(self, body: dict) -> None:
+        self.api.delete_series(body["metadata"]["name"], body["metadata"]["resourceVersion"])
 
     # --- Jobs ---
 
     def job_changed(self, job: dict) -> str | None:
-        """Copy a Job's progress into its DicomSeries; returns the series' name to look at again."""
+        """Copy a Job's progress into its DicomSeries; returns the series' name to look at again.
+
+        What the Job's pod counted (errors, a possible duplicate submit) and the task's end are
+        counted here once per change of the task's entry: only after the entry was written, and
+        never again for what the entry already says (an operator restart reads it back)."""
         labels = job["metadata"].get("labels") or {}
         series_name, task_id = labels.get(LABEL_SERIES), labels.get(LABEL_TASK)
         if not series_name or not task_id:
@@ -292,49 +288,38 @@ class SeriesDriver:
         outcome, job_message = job_outcome(job)
         record = read_task(self.storage, task_id)
         phase, message = task_phase_from_job(outcome, job_message, record)
+        report = TaskReport(phase, message, record.inference_uid if record else None)
         for _ in range(CONFLICT_ATTEMPTS):
             body = self.api.get_series(series_name)
             if body is None:
                 return None
-            status = body.get("status") or {}
-            tasks = [dict(t) for t in status.get("tasks") or []]
-            entry = next((t for t in tasks if t.get("taskId") == task_id), None)
-            if entry is None:
+            change = task_change(body, task_id, report, self.clock())
+            if change is None:
                 return series_name
-            before = entry.get("phase")
-            if not accept_task_phase(before, phase):
-                return series_name  # a stale event must not revive or change a finished task
-            update = {"phase": str(phase), "message": message[:1000]}
-            if record and record.inference_uid:
-                update["inferenceTaskUID"] = record.inference_uid
-            if phase in TERMINAL_TASK_PHASES and not entry.get("completionTime"):
-                update["completionTime"] = to_rfc3339(self.clock())
-            if all(entry.get(k) == v for k, v in update.items()):
-                return series_name
-            first_uid = "inferenceTaskUID" in update and not entry.get("inferenceTaskUID")
-            entry.update(update)
             try:
-                self.api.patch_series_status(body, tasks_status(tasks))
+                body = self._write(body, change.status)
             except Conflict:
                 continue
-            if first_uid and record.unknown_submits:
+            entry = change.entry
+            if change.first_uid and record.unknown_submits:
                 # The Job's pod counted its repeat too, but nobody scrapes it: the operator does.
                 metrics.possible_duplicate_submit()
-                self.api.event(body, "PossibleDuplicateSubmit", f"Job {entry['job']}: {possible_duplicate_note(record)}",
-                               warning=True)
-            if phase in TERMINAL_TASK_PHASES and before not in TERMINAL_TASK_PHASES:
+                self.api.event(body, EventReason.POSSIBLE_DUPLICATE_SUBMIT,
+                               f"Job {entry['job']}: {possible_duplicate_note(record)}", warning=True)
+            if change.finished:
                 self._task_finished(body, entry, series_state(body))
             return series_name
         return series_name
 
-    def _task_finished(self, body: dict, entry: dict, state) -> None:
+    def _task_finished(self, body: dict, entry: dict, state: SeriesState) -> None:
         ok = entry["phase"] == TaskPhase.SUCCEEDED
         metrics.task_finished(entry["taskId"], entry["fingerprint"], entry["phase"],
                               from_rfc3339(entry.get("startTime")), from_rfc3339(entry.get("completionTime")))
         where = f"Job {entry['job']} ({entry['fingerprint']})"
         if ok:
-            self.api.event(body, "TaskSucceeded", f"{where}: predictions delivered")
+            self.api.event(body, EventReason.TASK_SUCCEEDED, f"{where}: predictions delivered")
         else:
-            self.api.event(body, "TaskFailed", f"{where}: {entry.get('message') or 'failed'}", warning=True)
-        self._count_on_fingerprint(entry["fingerprint"], "succeededTasks" if ok else "failedTasks",
-                                   body, state, entry["job"])
+            self.api.event(body, EventReason.TASK_FAILED, f"{where}: {entry.get('message') or 'failed'}",
+                           warning=True)
+        self._count_on_fingerprint(entry["fingerprint"], SUCCEEDED_TASKS if ok else FAILED_TASKS, state,
+                                   entry["job"])

@@ -9,8 +9,7 @@ from typing import Callable
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest, validate_fingerprint
 from relay.fingerprints.matching import regex_problems
 from relay.fingerprints.model import Fingerprint
-
-from isdr_operator.conditions import condition
+from relay.kube.resources import ConditionType, Reason, condition
 
 
 @dataclass(frozen=True)
@@ -29,25 +28,25 @@ def evaluate(body: dict, ca_problem: Callable[[str, str, str], str | None]) -> E
     try:
         fingerprint = fingerprint_from_manifest(body, source=f"{namespace}/{name}")
     except FingerprintError as exc:
-        return Evaluation(None, False, "InvalidSpec", str(exc))
+        return Evaluation(None, False, Reason.INVALID_SPEC, str(exc))
     problems = validate_fingerprint(fingerprint)
     if problems:
         return Evaluation(fingerprint, False, _regex_reason(fingerprint), "; ".join(problems))
     ca = (body["spec"]["inferenceServer"].get("caBundle") or {})
     if "path" in ca:
-        return Evaluation(fingerprint, False, "UnsupportedCABundle",
+        return Evaluation(fingerprint, False, Reason.UNSUPPORTED_CA_BUNDLE,
                           "caBundle.path names a file on the relay's machine, which Jobs do not "
                           "have: use caBundle.configMapKeyRef or caBundle.secretKeyRef")
     for field, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
         if field in ca:
             problem = ca_problem(kind, ca[field]["name"], ca[field]["key"])
             if problem:
-                return Evaluation(fingerprint, False, "CABundleNotFound", problem)
+                return Evaluation(fingerprint, False, Reason.CA_BUNDLE_NOT_FOUND, problem)
     problem = _destination_tls_problem(body["spec"]["destinations"], ca_problem)
     if problem:
         return Evaluation(fingerprint, False, *problem)
     server = fingerprint.inference_server
-    return Evaluation(fingerprint, True, "Valid",
+    return Evaluation(fingerprint, True, Reason.VALID,
                       f"series matching it go to model {server.model} at {server.url} ({server.protocol})")
 
 
@@ -62,7 +61,7 @@ def _destination_tls_problem(destinations: list[dict],
         ca = tls.get("caBundle") or {}
         client = tls.get("clientCertificate") or {}
         if "path" in ca or "certificatePath" in client:
-            return ("UnsupportedDestinationTLS",
+            return (Reason.UNSUPPORTED_DESTINATION_TLS,
                     f"{where} names files on the relay's machine, which Jobs do not have: use "
                     "caBundle.configMapKeyRef or caBundle.secretKeyRef, and clientCertificate.secretName")
         references = [("ConfigMap", ca["configMapKeyRef"]["name"], ca["configMapKeyRef"]["key"])
@@ -74,7 +73,7 @@ def _destination_tls_problem(destinations: list[dict],
         for reference in filter(None, references):
             problem = ca_problem(*reference)
             if problem:
-                return "DestinationTLSNotFound", f"{where}: {problem}"
+                return Reason.DESTINATION_TLS_NOT_FOUND, f"{where}: {problem}"
     return None
 
 
@@ -83,12 +82,12 @@ def _regex_reason(fingerprint: Fingerprint) -> str:
     construct only a backtracking engine has (valid for Python's re, refused by RE2)."""
     problems = regex_problems(fingerprint.match)
     if problems and all(problem.unsupported for problem in problems):
-        return "UnsupportedRegex"
-    return "InvalidRegex" if problems else "InvalidSpec"
+        return Reason.UNSUPPORTED_REGEX
+    return Reason.INVALID_REGEX if problems else Reason.INVALID_SPEC
 
 
 def ready_condition(evaluation: Evaluation, generation: int | None) -> dict:
-    return condition("Ready", evaluation.ready, evaluation.reason, evaluation.message, generation)
+    return condition(ConditionType.READY, evaluation.ready, evaluation.reason, evaluation.message, generation)
 
 
 class FingerprintSet:

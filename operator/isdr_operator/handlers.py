@@ -13,7 +13,7 @@ import logging
 
 import kopf
 
-from relay.kube.series_resource import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from relay.kube.resources import FINGERPRINT_PLURAL, GROUP, LABEL_MANAGED_BY, MANAGED_BY, SERIES_PLURAL, VERSION
 
 from isdr_operator.runtime import Runtime
 
@@ -52,12 +52,12 @@ def scheduler_health(**_) -> dict:
     return RUNTIME.scheduler.health(stuck_after=STUCK_AFTER_SECONDS)
 
 
-@kopf.on.event(GROUP, VERSION, "fingerprints")
+@kopf.on.event(GROUP, VERSION, FINGERPRINT_PLURAL)
 async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's keyword
     await asyncio.to_thread(RUNTIME.fingerprint_event, type, dict(body))
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(GROUP, VERSION, SERIES_PLURAL)
 def series_event(type, name, **_) -> None:  # noqa: A002
     # Only scheduling: the scheduler steps while this operator is the active one.
     if type == "DELETED":

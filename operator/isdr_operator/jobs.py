@@ -9,29 +9,33 @@ from __future__ import annotations
 
 import json
 
-from relay.kube.job_command import (
+from relay.kube.job_contract import (
+    CONTAINER,
     DESTINATION_CA_FILE,
     DESTINATION_CLIENT_CERTIFICATE_FILE,
     DESTINATION_CLIENT_KEY_FILE,
-    EXIT_FAILED,
     FINGERPRINT_CA_ENV,
     FINGERPRINT_ENV,
+    JobExit,
     destination_tls_dir,
     destination_tls_env,
+    job_command_line,
 )
-from relay.kube.series_resource import (
+from relay.kube.resources import (
+    ANNOTATION_SERIES_UID,
+    API_VERSION,
+    FINGERPRINT_KIND,
     LABEL_FINGERPRINT,
     LABEL_MANAGED_BY,
     LABEL_SERIES,
     LABEL_TASK,
     MANAGED_BY,
 )
-from relay.lifecycle import JobOutcome, TaskState
+from relay.lifecycle import TaskState
 from relay.uids import SeriesKey
 
 from isdr_operator.settings import JobSettings
 
-CONTAINER = "task"
 CA_MOUNT = "/etc/isdr/fingerprint-ca"
 RELAY_CA_MOUNT = "/etc/isdr/ca"  # where the chart points CERT_FILE
 STORAGE_MOUNT = "/data"  # pvc storage: the claim, and the Job's INCOMING_DIR
@@ -40,7 +44,6 @@ SCRATCH_DIR = "/tmp/isdr"  # s3 storage: INCOMING_DIR is scratch space on the /t
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                     "capabilities": {"drop": ["ALL"]}}
-ANNOTATION_SERIES_UID = "isdr.io/series-instance-uid"
 
 
 def job_labels(series_name: str, fingerprint: str, task_id: str) -> dict[str, str]:
@@ -57,8 +60,8 @@ def job_labels(series_name: str, fingerprint: str, task_id: str) -> dict[str, st
 def fingerprint_snapshot(body: dict) -> dict:
     """The parts of a Fingerprint resource a task needs (no status, no managed fields)."""
     return {
-        "apiVersion": body.get("apiVersion", "isdr.io/v1alpha1"),
-        "kind": "Fingerprint",
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": FINGERPRINT_KIND,
         "metadata": {"name": body["metadata"]["name"]},
         "spec": body["spec"],
     }
@@ -123,13 +126,13 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
     if settings.memory_limit:
         resources["limits"] = {"memory": settings.memory_limit}
 
+    command, args = job_command_line(task.task_id, key, task.generation)
     container = {
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["isdr", "job"],
-        "args": ["--task-id", task.task_id, "--series-uid", key.series_uid,
-                 "--sop-class-uid", key.sop_class_uid, "--generation", str(task.generation)],
+        "command": command,
+        "args": args,
         "env": env,
         "envFrom": env_from,
         "volumeMounts": mounts,
@@ -167,7 +170,7 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
             # A task that failed for good (exit 2) is not retried; a crash or a kill is.
             "podFailurePolicy": {"rules": [{
                 "action": "FailJob",
-                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_FAILED]},
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [int(JobExit.FAILED)]},
             }]},
             "template": {"metadata": pod_metadata(labels, settings), "spec": pod_spec},
         },
@@ -236,16 +239,3 @@ def _key_volume(config_map: str | None, secret: str | None, key: str | None, pat
         return {"configMap": {"name": config_map, "items": items}}
     return {"secret": {"secretName": secret, "items": items}}
 
-
-def job_outcome(job: dict) -> tuple[JobOutcome, str]:
-    """What a Job's conditions say, and their message. What that means for the task is
-    relay.lifecycle.task_phase_from_job's to say."""
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("status") != "True":
-            continue
-        if condition.get("type") == "Complete":
-            return JobOutcome.COMPLETE, condition.get("message") or ""
-        if condition.get("type") == "Failed":
-            reason = condition.get("reason") or "Failed"
-            return JobOutcome.FAILED, f"{reason}: {condition.get('message') or ''}".strip(": ")
-    return JobOutcome.RUNNING, ""

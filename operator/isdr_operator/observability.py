@@ -16,8 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from relay import metrics
 from relay.config import Settings
-from relay.kube.series_resource import GROUP, PLURAL, VERSION
-from relay.lifecycle import SeriesPhase
+from relay.kube.resources import GROUP, SERIES_PLURAL, VERSION, series_phases
 
 # kopf logs "Handler 'series_event' succeeded." for every watch event of every object and
 # "Activity 'scheduler' succeeded." for every liveness probe, at INFO (kopf/_core/actions/
@@ -54,9 +53,7 @@ class SeriesPhases:
             if event_type == "DELETED":
                 self._series.pop(name, None)
                 return
-            status = body.get("status") or {}
-            tasks = tuple(str(task.get("phase") or "Pending") for task in status.get("tasks") or ())
-            self._series[name] = (str(status.get("phase") or SeriesPhase.RECEIVING), tasks)
+            self._series[name] = series_phases(body)
 
     def snapshot(self) -> Iterator[tuple[str, tuple[str, ...]]]:
         with self._lock:
@@ -101,7 +98,7 @@ def start(settings: Settings, runtime, kopf_registry=None) -> metrics.MetricsEnd
     async def observe_series(type, name, body, **_) -> None:  # noqa: A002 - kopf's keyword
         phases.observe(type, name, body)
 
-    kopf.on.event(GROUP, VERSION, PLURAL, id="metrics", registry=kopf_registry)(observe_series)
+    kopf.on.event(GROUP, VERSION, SERIES_PLURAL, id="metrics", registry=kopf_registry)(observe_series)
     return metrics.serve(settings.metrics_port, [
         ActiveCollector(lambda: runtime.active),
         metrics.SeriesCollector(while_active(phases.snapshot, lambda: runtime.active)),

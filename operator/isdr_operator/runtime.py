@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
+from relay.kube.api import KubeApi
+from relay.kube.resources import ready_status
 from relay.storage import open_storage
 
-from isdr_operator.conditions import same_conditions, set_condition
 from isdr_operator.driver import SeriesDriver
 from isdr_operator.fingerprints import FingerprintSet, evaluate, ready_condition
-from isdr_operator.kube_api import OperatorApi
 from isdr_operator.peering import Gate
 from isdr_operator.scheduler import Scheduler
 from isdr_operator.settings import OperatorSettings
@@ -19,7 +19,7 @@ log = logging.getLogger("isdr_operator")
 
 
 class Runtime:
-    def __init__(self, api: OperatorApi, settings: OperatorSettings, clock=None, gate: Gate | None = None):
+    def __init__(self, api: KubeApi, settings: OperatorSettings, clock=None, gate: Gate | None = None):
         import time
 
         self.api = api
@@ -84,16 +84,12 @@ class Runtime:
             return
         evaluation = evaluate(body, self.api.key_problem)
         self.fingerprints.put(body, evaluation)
-        status = body.get("status") or {}
-        generation = body["metadata"].get("generation")
-        new = ready_condition(evaluation, generation)
-        conditions = set_condition(status.get("conditions"), new, self.clock())
-        if same_conditions(conditions, status.get("conditions")) and status.get("observedGeneration") == generation:
+        status = ready_status(body, ready_condition(evaluation, body["metadata"].get("generation")), self.clock())
+        if status is None:
             return
         try:
             # Not guarded by resourceVersion: the operator is the only writer of these fields.
-            self.api.patch_fingerprint_status(body, {"conditions": conditions, "observedGeneration": generation},
-                                              guarded=False)
+            self.api.patch_fingerprint_status(name, status)
         except Exception as exc:  # noqa: BLE001 - the next event retries
             log.warning("could not update fingerprint %s status: %s", name, exc)
             return

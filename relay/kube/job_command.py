@@ -7,6 +7,7 @@ one line per step, so that `kubectl logs job/<name>` explains what happened. Exi
      Job's podFailurePolicy fails the Job at once instead of retrying
   1  anything else (killed, crashed, shut down): the Job controller starts a new pod, which
      resumes from the task's record, polling a task the InferenceServer already accepted
+(What the operator gives a Job and what the Job reports: relay.kube.job_contract.)
 """
 
 from __future__ import annotations
@@ -22,36 +23,21 @@ from dataclasses import replace
 from relay.config import ConfigError, load_settings
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest
 from relay.fingerprints.model import Fingerprint
+from relay.kube.job_contract import (
+    DESTINATION_CA_FILE,
+    DESTINATION_CLIENT_CERTIFICATE_FILE,
+    DESTINATION_CLIENT_KEY_FILE,
+    FINGERPRINT_CA_ENV,
+    FINGERPRINT_ENV,
+    JobExit,
+    destination_tls_dir,
+    destination_tls_env,
+)
 from relay.lifecycle import TaskPhase, TaskState
 from relay.pipeline import Interrupted, NoSpaceForWork, PipelineSettings, TaskRunner, TaskSpec
 from relay.state_store import DispatchStore, StateWrites, TaskStore
 from relay.storage import StorageError, open_storage
 from relay.uids import InvalidUID, SeriesKey, parse_instance_key
-
-EXIT_OK, EXIT_RETRY, EXIT_FAILED = 0, 1, 2
-
-# The operator passes the fingerprint as it was when the task was dispatched, so that editing
-# or deleting the Fingerprint does not change a task that is already running.
-FINGERPRINT_ENV = "ISDR_FINGERPRINT"
-# Where the fingerprint's CA bundle (a ConfigMap or Secret key) is mounted, if it has one.
-FINGERPRINT_CA_ENV = "ISDR_FINGERPRINT_CA_FILE"
-
-# The TLS files of destination i (its CA bundle, its client certificate Secret) are mounted by
-# the operator into one folder, named to the Job by the environment variable
-# destination_tls_env(i), under these file names.
-DESTINATION_TLS_MOUNT = "/etc/isdr/destination-tls"
-DESTINATION_CA_FILE = "ca.pem"
-DESTINATION_CLIENT_CERTIFICATE_FILE = "tls.crt"  # the keys of a kubernetes.io/tls Secret
-DESTINATION_CLIENT_KEY_FILE = "tls.key"
-
-
-def destination_tls_dir(index: int) -> str:
-    return f"{DESTINATION_TLS_MOUNT}/{index}"
-
-
-def destination_tls_env(index: int) -> str:
-    return f"ISDR_DESTINATION_TLS_DIR_{index}"
-
 
 def with_mounted_destination_tls(fingerprint: Fingerprint, environ=os.environ) -> Fingerprint:
     """The fingerprint with its destinations' Secret and ConfigMap references replaced by the
@@ -108,7 +94,7 @@ def run_job(args) -> int:
         fingerprint = _fingerprint()
     except (ConfigError, InvalidUID, FingerprintError, ValueError) as exc:
         say(f"cannot start: {exc}")
-        return EXIT_FAILED
+        return JobExit.FAILED
     storage = open_storage(settings)
     store = TaskStore(storage, args.task_id)
     stop = threading.Event()
@@ -123,7 +109,7 @@ def run_job(args) -> int:
                               generation=args.generation, updated_at=time.time())
             if not writes.until_done(lambda: store.save(state, instances), f"task {args.task_id}",
                                      stop.is_set, stop.wait):
-                return EXIT_RETRY
+                return JobExit.RETRY
             say(f"task {args.task_id}: series {key.series_uid} (dispatch #{args.generation}, "
                 f"{len(instances)} instances), fingerprint {fingerprint.name}, "
                 f"model {fingerprint.inference_server.model}")
@@ -132,14 +118,14 @@ def run_job(args) -> int:
             say(f"task {args.task_id}: resuming from phase {state.phase}")
     except StorageError as exc:
         say(f"storage unavailable: {exc}")
-        return EXIT_RETRY
+        return JobExit.RETRY
 
     if state.phase == TaskPhase.SUCCEEDED and not state.remote_delete_pending:
         say("the task already succeeded; nothing to do")
-        return EXIT_OK
+        return JobExit.OK
     if state.phase == TaskPhase.FAILED:
         say(f"the task already failed: {state.message}")
-        return EXIT_FAILED
+        return JobExit.FAILED
 
     def save(task: TaskState) -> None:
         if not writes.until_done(lambda: store.save(task, instances), f"task {args.task_id}",
@@ -161,14 +147,14 @@ def run_job(args) -> int:
         final = runner.run(spec, state)
     except Interrupted:
         say("stopped; a retried pod resumes from here")
-        return EXIT_RETRY
+        return JobExit.RETRY
     except NoSpaceForWork as exc:
         say(f"ERROR waiting for disk space: {exc}; a retried pod resumes from here")
-        return EXIT_RETRY
+        return JobExit.RETRY
     if final.phase == TaskPhase.SUCCEEDED:
-        return EXIT_OK
+        return JobExit.OK
     say(f"failed: {final.message}")
-    return EXIT_FAILED
+    return JobExit.FAILED
 
 
 def _dispatched_instances(storage, key: SeriesKey, generation: int) -> tuple[str, ...]:

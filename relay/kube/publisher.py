@@ -18,6 +18,9 @@ an API outage cannot make the receiver refuse or lose an instance. A background 
 API outages (connection errors, timeouts, 5xx, 429) keep the series pending and are retried with
 backoff; one warning per outage, one info line when publication recovers. No patient data is read
 here: the spec carries UIDs, the four matching attributes and the storage location only.
+
+What the object says is relay.kube.resources' (new_series, received_status); the calls and their
+errors are relay.kube.api's. This module is the thread and its timing.
 """
 
 from __future__ import annotations
@@ -34,18 +37,24 @@ from relay.config import Settings
 from relay.dicom.identity import identify_part10
 from relay.dicom.receiver import ReceivedInstance
 from relay.fingerprints.model import SeriesAttributes
-from relay.kube.series_resource import (
-    API_VERSION,
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
-    from_rfc3339,
-    resource_name,
-    series_spec,
-    to_rfc3339,
+from relay.kube.api import (
+    CONFLICT_ATTEMPTS,
+    AlreadyExists,
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    NotFound,
+    outage_backoff,
 )
-from relay.lifecycle import SeriesPhase
+from relay.kube.resources import (
+    earliest,
+    latest,
+    new_series,
+    published,
+    received_status,
+    resource_name,
+    storage_location,
+)
 from relay.retry import Backoff
 from relay.storage.base import Storage, StorageError
 from relay.storage.instances import stored_instances, stored_series
@@ -53,185 +62,26 @@ from relay.uids import SeriesKey
 
 log = logging.getLogger("relay.kube.publisher")
 
-MAX_RECEIVED_BY = 10
-MAX_CONFLICT_RETRIES = 5
-REQUEST_TIMEOUT = (5.0, 15.0)  # (connect, read) seconds for each API call
 _FORGET_AFTER = 300.0  # seconds a published, quiet series stays in memory (for the rate limit)
-
-
-# --------------------------------------------------------------------------------------------------
-# The API, behind a tiny interface (a fake one in the unit tests)
-
-
-class ApiUnavailable(Exception):
-    """A transient failure: connection refused or reset, timeout, 5xx, 429. Retried with backoff."""
 
 
 class PublishError(Exception):
     """Publishing one series failed for a reason of its own; it is retried with backoff."""
 
 
-class ApiError(PublishError):
-    """The API answered with an error that retrying at once will not fix (400, 403, 422, ...)."""
-
-    def __init__(self, status: int, reason: str):
-        self.status = status
-        super().__init__(f"HTTP {status}: {reason}")
-
-
-class Conflict(Exception):
-    """409 on an update: the object changed since we read it."""
-
-
-class AlreadyExists(Exception):
-    """409 on a create: another replica created the object first."""
-
-
-class NotFound(Exception):
-    """404 on an update: the object was deleted since we read it."""
-
-
 class SeriesApi(Protocol):
-    def get(self, name: str) -> dict | None: ...
+    """The calls the publisher makes (relay.kube.api.KubeApi; a fake one in the unit tests)."""
 
-    def create(self, body: dict) -> dict: ...
+    def get_series(self, name: str) -> dict | None: ...
 
-    def patch_status(self, name: str, patch: dict) -> dict: ...
+    def create_series(self, body: dict) -> dict: ...
 
-
-class KubeSeriesApi:
-    """DicomSeries in one namespace through the official client's CustomObjectsApi."""
-
-    def __init__(self, api_client, namespace: str, request_timeout=REQUEST_TIMEOUT):
-        from kubernetes import client
-
-        self.custom = client.CustomObjectsApi(api_client)
-        self.namespace = namespace
-        self.request_timeout = request_timeout
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name)
-        except NotFound:
-            return None
-
-    def create(self, body: dict) -> dict:
-        try:
-            return self._call(self.custom.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                              PLURAL, body)
-        except Conflict:
-            raise AlreadyExists(body["metadata"]["name"]) from None
-
-    def patch_status(self, name: str, patch: dict) -> dict:
-        return self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, self.namespace,
-                          PLURAL, name, patch, _content_type="application/merge-patch+json")
-
-    def list_one(self) -> dict:
-        """A cheap probe: can we list DicomSeries here (CRD installed, RBAC allows it)?"""
-        return self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-                          limit=1)
-
-    def _call(self, method, *args, **kwargs):
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return method(*args, _request_timeout=self.request_timeout, **kwargs)
-        except ApiException as exc:
-            raise translate_status(exc.status or 0, _api_message(exc)) from None
-        except (HTTPError, OSError) as exc:  # refused, reset, timed out, TLS handshake cut short
-            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
-
-
-def _api_message(exc) -> str:
-    """The Status message the API server sent (say, which field is invalid), else the reason."""
-    import json
-
-    try:
-        message = json.loads(exc.body).get("message") if exc.body else None
-    except (ValueError, TypeError, AttributeError):
-        message = None
-    text = message or exc.reason or ""
-    return text if len(text) <= 500 else text[:500] + "..."
-
-
-def translate_status(status: int, reason: str) -> Exception:
-    """The exception for an HTTP error status (0: the client failed before getting one)."""
-    if status == 404:
-        return NotFound(reason)
-    if status == 409:
-        return Conflict(reason)
-    if status == 0 or status == 429 or status >= 500:
-        return ApiUnavailable(f"HTTP {status}: {reason}" if status else reason)
-    return ApiError(status, reason)
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure parts: what the object says, computed from plain data
-
-
-def storage_location(settings: Settings, key: SeriesKey) -> dict:
-    """spec.storage: where a Job finds the series' instances."""
-    if settings.storage == "s3":
-        location = {"type": "s3", "bucket": settings.s3_bucket}
-        if settings.s3_endpoint_url:
-            location["endpoint"] = settings.s3_endpoint_url
-        prefix = settings.s3_prefix.strip("/")
-        location["prefix"] = f"{prefix}/{key.prefix}" if prefix else key.prefix
-        return location
-    return {"type": "local", "prefix": key.prefix}
+    def patch_series_status(self, name: str, status: dict, resource_version: str | None = None) -> dict: ...
 
 
 def count_instances(storage: Storage, key: SeriesKey) -> int:
     """Instance objects stored under the series' prefix (temporary and foreign files excluded)."""
     return len(stored_instances(storage, key)[0])
-
-
-def status_patch(existing: dict | None, *, instances: int, first_received: float | None,
-                 last_received: float | None, pod_name: str, max_received_by: int = MAX_RECEIVED_BY) -> dict:
-    """The receiver's status fields merged with the object's; only the fields that change.
-
-    firstReceived is the earlier, lastReceived the later of ours and the object's; receivedBy gains
-    this pod (the oldest names drop out beyond `max_received_by`); phase is set to Receiving only
-    when the object has none (a new object). Returns {} when nothing would change.
-    """
-    existing = existing or {}
-    patch: dict = {}
-    if existing.get("instances") != instances:
-        patch["instances"] = instances
-
-    first = _earliest(_parse_time(existing.get("firstReceived")), first_received)
-    if first is not None and _parse_time(existing.get("firstReceived")) != first:
-        patch["firstReceived"] = to_rfc3339(first)
-
-    last = _latest(_parse_time(existing.get("lastReceived")), last_received)
-    if last is not None and _parse_time(existing.get("lastReceived")) != last:
-        patch["lastReceived"] = to_rfc3339(last)
-
-    received_by = [name for name in existing.get("receivedBy") or [] if isinstance(name, str)]
-    if pod_name not in received_by:
-        patch["receivedBy"] = (received_by + [pod_name])[-max_received_by:]
-
-    if not existing.get("phase"):
-        patch["phase"] = str(SeriesPhase.RECEIVING)
-    return patch
-
-
-def _parse_time(text) -> float | None:
-    try:
-        return from_rfc3339(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-
-
-def _earliest(a: float | None, b: float | None) -> float | None:
-    values = [v for v in (a, b) if v is not None]
-    return min(values) if values else None
-
-
-def _latest(a: float | None, b: float | None) -> float | None:
-    values = [v for v in (a, b) if v is not None]
-    return max(values) if values else None
 
 
 def _printable(text: str, limit: int = 32) -> str:
@@ -273,8 +123,8 @@ class _Series:
         return window
 
     def give_back(self, first: float | None, last: float | None) -> None:
-        self.first = _earliest(self.first, first)
-        self.last = _latest(self.last, last)
+        self.first = earliest(self.first, first)
+        self.last = latest(self.last, last)
         self.dirty = True
 
 
@@ -301,7 +151,7 @@ class SeriesPublisher:
         self.settings = settings
         self.pod_name = pod_name or default_pod_name()
         self.min_interval = min_interval
-        self.backoff = backoff or Backoff(initial=1.0, factor=2.0, maximum=30.0)
+        self.backoff = backoff or outage_backoff()
         self.clock = clock
         self.namespace = namespace
         self._series: dict[SeriesKey, _Series] = {}
@@ -329,8 +179,8 @@ class SeriesPublisher:
                 entry = self._series[key] = _Series(key, identity.study_uid, identity.attributes)
             elif entry.study_uid is None and identity.study_uid:
                 entry.study_uid = identity.study_uid
-            entry.first = _earliest(entry.first, instance.received_at)
-            entry.last = _latest(entry.last, instance.received_at)
+            entry.first = earliest(entry.first, instance.received_at)
+            entry.last = latest(entry.last, instance.received_at)
             entry.touched = now
             newly_dirty = not entry.dirty
             entry.dirty = True
@@ -365,7 +215,7 @@ class SeriesPublisher:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            # A round in progress ends with its API call (bounded by REQUEST_TIMEOUT); flush() below
+            # A round in progress ends with its API call (bounded by relay.kube.api.RECEIVER_TIMEOUT); flush() below
             # waits for it anyway.
             self._thread.join(timeout=max(timeout, 0.1))
             self._thread = None
@@ -411,12 +261,12 @@ class SeriesPublisher:
             with self._lock:
                 if key in self._series:
                     continue
-            body = self.api.get(resource_name(key))
-            if body is not None:
-                status = body.get("status") or {}
-                published_last = _parse_time(status.get("lastReceived")) or 0.0
+            body = self.api.get_series(resource_name(key))
+            counts = published(body)
+            if counts is not None:
+                instances, published_last = counts
                 # (lastReceived is written to the microsecond; a file's time is finer)
-                if status.get("instances") == len(uids) and published_last >= newest - 0.001:
+                if instances == len(uids) and (published_last or 0.0) >= newest - 0.001:
                     continue
             try:
                 identity = identify_part10(self.storage.get(sample_key))
@@ -443,7 +293,7 @@ class SeriesPublisher:
             try:
                 self.recover_unpublished()
                 recovered = True
-            except (ApiUnavailable, PublishError) as exc:
+            except (ApiError, PublishError) as exc:
                 log.warning("cannot look for unpublished series yet: %s", exc)
                 self._stop.wait(5.0)
             except Exception:
@@ -567,11 +417,12 @@ class SeriesPublisher:
         name = resource_name(entry.key)
         created = False
         try:
-            for _attempt in range(MAX_CONFLICT_RETRIES):
-                body = self.api.get(name)
+            for _attempt in range(CONFLICT_ATTEMPTS):
+                body = self.api.get_series(name)
                 if body is None:
                     try:
-                        body = self.api.create(self._new_object(entry, name))
+                        body = self.api.create_series(new_series(
+                            entry.key, entry.study_uid, entry.attributes, storage_location(self.settings, entry.key)))
                     except AlreadyExists:
                         continue  # another replica was first: read theirs
                     created = True  # stays True if the status patch below must be retried
@@ -581,17 +432,15 @@ class SeriesPublisher:
                 # Counted after the read: a replica that published a larger count before our read
                 # counted before we do, and one that publishes after our read makes our patch fail.
                 instances = count_instances(self.storage, entry.key)
-                status = body.get("status") or {}
-                patch = status_patch(status, instances=instances, first_received=first, last_received=last,
-                                     pod_name=self.pod_name)
+                patch = received_status(body, instances=instances, first_received=first, last_received=last,
+                                        pod_name=self.pod_name)
                 if patch:
-                    version = body["metadata"]["resourceVersion"]
                     try:
-                        self.api.patch_status(name, {"metadata": {"resourceVersion": version}, "status": patch})
+                        self.api.patch_series_status(name, patch, body["metadata"]["resourceVersion"])
                     except (Conflict, NotFound):
                         continue  # changed or deleted since we read it: read again
                     self.writes += 1
-                if created or "instances" not in status:  # the first publication of the series
+                if created or published(body) is None:  # the first publication of the series
                     log.info("published series %s (modality %s, %d instances) as DicomSeries %s%s",
                              entry.key.series_uid, _printable(entry.attributes.modality), instances,
                              f"{self.namespace}/" if self.namespace else "", name)
@@ -606,16 +455,7 @@ class SeriesPublisher:
             raise _Outage(str(exc)) from exc
         except StorageError as exc:
             raise PublishError(f"cannot count the stored instances: {exc}") from exc
-        raise PublishError(f"DicomSeries {name} kept changing ({MAX_CONFLICT_RETRIES} conflicts in a row)")
-
-    def _new_object(self, entry: _Series, name: str) -> dict:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "isdr"}},
-            "spec": series_spec(entry.key, entry.study_uid, entry.attributes,
-                                storage_location(self.settings, entry.key)),
-        }
+        raise PublishError(f"DicomSeries {name} kept changing ({CONFLICT_ATTEMPTS} conflicts in a row)")
 
 
 class _BeingDeleted(Exception):

@@ -94,7 +94,8 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
     from relay import metrics
     from relay.dicom.receiver import Receiver
     from relay.kube.client import KubeConfigError, connect
-    from relay.kube.publisher import KubeSeriesApi, SeriesPublisher
+    from relay.kube.api import RECEIVER_TIMEOUT, KubeApi
+    from relay.kube.publisher import SeriesPublisher
     from relay.storage import StorageError, open_storage
 
     try:
@@ -107,7 +108,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
     except (StorageError, OSError) as exc:
         log.error("cannot open the storage: %s", exc)
         return 1
-    api = KubeSeriesApi(connection.api_client, connection.namespace)
+    api = KubeApi(connection.api_client, connection.namespace, timeout=RECEIVER_TIMEOUT)
     publisher = SeriesPublisher(api, storage, settings, namespace=connection.namespace)
     receiver = Receiver(settings, storage, metrics.CountingSink(publisher))
 
@@ -171,17 +172,17 @@ def api_problem(api, connection) -> ApiProblem | None:
 
     The receiver receives and stores either way; this is said at start-up and answers the
     readiness check."""
-    from relay.kube.publisher import ApiError, ApiUnavailable, NotFound
+    from relay.kube.api import ApiUnavailable, NotFound, Rejected
 
     try:
-        api.list_one()
+        api.can_list_series()
     except ApiUnavailable as exc:
         return ApiProblem(f"cannot reach the Kubernetes API at {connection.server} ({exc}): receiving "
                           "anyway; series are published once it answers", transient=True)
     except NotFound:
         return ApiProblem(f"the API at {connection.server} does not serve dicomseries.isdr.io: "
                           "is the CRD installed?")
-    except ApiError as exc:
+    except Rejected as exc:
         return ApiProblem(f"the API at {connection.server} refuses to list DicomSeries in namespace "
                           f"{connection.namespace}: check the RBAC rules ({exc})")
     return None

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.kube.series_resource import GROUP, LABEL_SERIES, PLURAL, VERSION, resource_name
+from relay.kube.resources import GROUP, LABEL_SERIES, VERSION, resource_name
+from relay.kube.resources import SERIES_PLURAL as PLURAL
 from isdr_devtools.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.chaos import CLAIM, kube_relay_env

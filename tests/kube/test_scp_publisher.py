@@ -16,7 +16,8 @@ import pydicom
 import pytest
 import yaml
 
-from relay.kube.series_resource import GROUP, PLURAL, VERSION, from_rfc3339, resource_name
+from relay.kube.resources import GROUP, VERSION, from_rfc3339, resource_name
+from relay.kube.resources import SERIES_PLURAL as PLURAL
 from isdr_devtools.synthetic import write_ct_series
 from relay.uids import SeriesKey
 from tests.support.dicom_peers import storescu

@@ -7,13 +7,12 @@ import time
 
 import pytest
 
-from isdr_operator.conditions import condition, same_conditions, set_condition
 from isdr_operator.fingerprints import evaluate
-from isdr_operator.jobs import build_job, job_outcome
+from isdr_operator.jobs import build_job
 from isdr_operator.scheduler import Scheduler, SchedulerStuck
 from isdr_operator.settings import JobSettings, load_operator_settings
-from relay.kube.job_command import EXIT_FAILED, FINGERPRINT_CA_ENV, FINGERPRINT_ENV
-from relay.kube.series_resource import to_rfc3339
+from relay.kube.job_contract import FINGERPRINT_CA_ENV, FINGERPRINT_ENV, JobExit
+from relay.kube.resources import condition, job_outcome, same_conditions, set_condition, to_rfc3339
 from relay.lifecycle import JobOutcome, TaskState
 from relay.uids import SeriesKey
 
@@ -60,7 +59,7 @@ def test_job_deadline_comes_from_the_fingerprints_timeout_plus_a_margin():
 def test_a_task_that_failed_for_good_is_not_retried():
     rules = job()["spec"]["podFailurePolicy"]["rules"]
     assert rules == [{"action": "FailJob", "onExitCodes": {"containerName": "task", "operator": "In",
-                                                          "values": [EXIT_FAILED]}}]
+                                                          "values": [JobExit.FAILED]}}]
     assert job()["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 

@@ -13,19 +13,9 @@ from relay.config import Settings
 from relay.dicom.identity import InstanceIdentity
 from relay.dicom.receiver import ReceivedInstance
 from relay.fingerprints.model import SeriesAttributes
-from relay.kube.publisher import (
-    AlreadyExists,
-    ApiError,
-    ApiUnavailable,
-    Conflict,
-    NotFound,
-    SeriesPublisher,
-    count_instances,
-    status_patch,
-    storage_location,
-    translate_status,
-)
-from relay.kube.series_resource import from_rfc3339, resource_name, to_rfc3339
+from relay.kube.api import AlreadyExists, ApiUnavailable, Conflict, NotFound, Rejected
+from relay.kube.publisher import SeriesPublisher, count_instances
+from relay.kube.resources import from_rfc3339, resource_name, to_rfc3339
 from relay.retry import Backoff
 from relay.storage.local import LocalStorage
 from relay.uids import SeriesKey
@@ -70,12 +60,12 @@ class FakeApi:
         if self.down:
             raise ApiUnavailable("connection refused")
 
-    def get(self, name):
+    def get_series(self, name):
         self._check("get", name)
         body = self.objects.get(name)
         return copy.deepcopy(body) if body is not None else None
 
-    def create(self, body):
+    def create_series(self, body):
         self._check("create", body["metadata"]["name"])
         if self.before_create is not None:
             hook, self.before_create = self.before_create, None
@@ -89,7 +79,10 @@ class FakeApi:
         self.objects[name] = stored
         return copy.deepcopy(stored)
 
-    def patch_status(self, name, patch):
+    def patch_series_status(self, name, status, resource_version=None):
+        patch = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
         self._check("patch", name)
         if self.before_patch is not None:
             hook, self.before_patch = self.before_patch, None
@@ -151,60 +144,6 @@ NAME = resource_name(KEY)
 # --- pure parts -------------------------------------------------------------------------------
 
 
-def test_status_patch_for_a_new_object_sets_everything():
-    patch = status_patch({}, instances=3, first_received=T0, last_received=T0 + 2, pod_name="a")
-    assert patch == {"instances": 3, "firstReceived": to_rfc3339(T0), "lastReceived": to_rfc3339(T0 + 2),
-                     "receivedBy": ["a"], "phase": "Receiving"}
-
-
-def test_status_patch_keeps_earliest_first_latest_last_and_unions_receivers():
-    existing = {"instances": 5, "firstReceived": to_rfc3339(T0), "lastReceived": to_rfc3339(T0 + 10),
-                "receivedBy": ["b"], "phase": "Receiving"}
-    # Ours is inside the existing window: neither time moves.
-    patch = status_patch(existing, instances=7, first_received=T0 + 1, last_received=T0 + 9, pod_name="a")
-    assert patch == {"instances": 7, "receivedBy": ["b", "a"]}
-    # Ours is outside it on both sides.
-    patch = status_patch(existing, instances=5, first_received=T0 - 1, last_received=T0 + 11, pod_name="b")
-    assert patch == {"firstReceived": to_rfc3339(T0 - 1), "lastReceived": to_rfc3339(T0 + 11)}
-
-
-def test_status_patch_is_empty_when_nothing_changes():
-    existing = {"instances": 5, "firstReceived": to_rfc3339(T0), "lastReceived": to_rfc3339(T0 + 10),
-                "receivedBy": ["a"], "phase": "Dispatched"}
-    assert status_patch(existing, instances=5, first_received=T0 + 10, last_received=T0 + 10,
-                        pod_name="a") == {}
-
-
-def test_status_patch_never_touches_the_operators_phase():
-    existing = {"instances": 5, "phase": "Dispatched", "tasks": [{"taskId": "x"}], "generation": 1}
-    patch = status_patch(existing, instances=6, first_received=T0, last_received=T0, pod_name="a")
-    assert "phase" not in patch and "tasks" not in patch and "generation" not in patch
-    assert patch["instances"] == 6
-
-
-def test_status_patch_caps_received_by_dropping_the_oldest():
-    existing = {"receivedBy": [f"r{i}" for i in range(10)], "phase": "Receiving"}
-    patch = status_patch(existing, instances=1, first_received=None, last_received=None, pod_name="new",
-                         max_received_by=10)
-    assert patch["receivedBy"] == [f"r{i}" for i in range(1, 10)] + ["new"]
-
-
-def test_status_patch_survives_unparsable_times():
-    existing = {"firstReceived": "yesterday", "lastReceived": 12, "phase": "Receiving", "receivedBy": ["a"],
-                "instances": 1}
-    patch = status_patch(existing, instances=1, first_received=T0, last_received=T0, pod_name="a")
-    assert patch == {"firstReceived": to_rfc3339(T0), "lastReceived": to_rfc3339(T0)}
-
-
-def test_storage_location_local_and_s3():
-    assert storage_location(Settings(), KEY) == {"type": "local", "prefix": KEY.prefix}
-    s3 = Settings(storage="s3", s3_bucket="dicom", s3_prefix="site-a", s3_endpoint_url="http://minio:9000")
-    assert storage_location(s3, KEY) == {"type": "s3", "bucket": "dicom", "endpoint": "http://minio:9000",
-                                         "prefix": f"site-a/{KEY.prefix}"}
-    assert storage_location(Settings(storage="s3", s3_bucket="dicom"), KEY) == {
-        "type": "s3", "bucket": "dicom", "prefix": KEY.prefix}
-
-
 def test_count_instances_counts_only_this_series_instance_objects(storage):
     other = SeriesKey(KEY.series_uid, "1.2.840.10008.5.1.4.1.1.4")
     for i in range(3):
@@ -213,16 +152,6 @@ def test_count_instances_counts_only_this_series_instance_objects(storage):
     storage.put_bytes(other.instance_key("1.2.3.9"), b"x")
     storage.put_bytes(KEY.prefix + "notes.txt", b"not an instance")
     assert count_instances(storage, KEY) == 3
-
-
-def test_translate_status():
-    assert isinstance(translate_status(0, "refused"), ApiUnavailable)
-    assert isinstance(translate_status(503, "x"), ApiUnavailable)
-    assert isinstance(translate_status(429, "x"), ApiUnavailable)
-    assert isinstance(translate_status(409, "x"), Conflict)
-    assert isinstance(translate_status(404, "x"), NotFound)
-    error = translate_status(422, "spec.modality: Too long")
-    assert isinstance(error, ApiError) and error.status == 422
 
 
 # --- the publisher ---------------------------------------------------------------------------
@@ -430,15 +359,15 @@ def test_a_rejected_series_does_not_block_the_others(storage, settings, caplog):
     api, clock = FakeApi(), FakeClock()
     publisher = make_publisher(api, storage, settings, clock=clock)
     bad = SeriesKey("1.2.826.0.1.3680043.8.498.3", CT)
-    original_create = api.create
+    original_create = api.create_series
 
     def create(body):
         if body["metadata"]["name"] == resource_name(bad):
             api.calls.append(("create", body["metadata"]["name"]))
-            raise ApiError(422, "spec.seriesDescription: Too long")
+            raise Rejected("spec.seriesDescription: Too long", 422)
         return original_create(body)
 
-    api.create = create
+    api.create_series = create
     receive(publisher, storage, 1, T0, key=bad)
     receive(publisher, storage, 1, T0)
     result = publisher.publish_due()
@@ -455,7 +384,7 @@ def test_instance_stored_never_raises_nor_blocks_when_the_api_hangs(storage, set
     entered, release = threading.Event(), threading.Event()
 
     class HangingApi(FakeApi):
-        def get(self, name):
+        def get_series(self, name):
             entered.set()
             release.wait(10)
             raise ApiUnavailable("timed out")

@@ -1,0 +1,269 @@
+"""Every call ISDR makes to the Kubernetes API, and the one family of errors they raise.
+
+The receiver's publisher and the operator both call through KubeApi (one namespace, the
+official client underneath); whatever goes wrong comes out as one of these exceptions, the way
+kopf keeps its API errors in one place (kopf/_cogs/clients/errors.py):
+
+    ApiError              any failure of a call (`status`: the HTTP status, 0 if none came)
+    ├── ApiUnavailable    transient: refused, reset, timed out, 5xx, 429; retry with backoff
+    ├── NotFound          404: the object (or the resource type: no CRD) is not there
+    ├── Conflict          409: the object changed since it was read (a stale resourceVersion)
+    │   └── AlreadyExists 409 on a create: someone created it first
+    └── Rejected          any other 4xx: retrying at once will not help (400, 422, ...)
+        └── Forbidden     401, 403: the service account may not (check the RBAC rules)
+
+The retry policy lives here too: how long one call may take (REQUEST_TIMEOUT, RECEIVER_TIMEOUT), how often a
+read-decide-write is tried again after a Conflict (CONFLICT_ATTEMPTS), and the backoff while the
+API is unavailable (outage_backoff). What the objects mean is relay.kube.resources'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+from relay.kube.resources import (
+    FINGERPRINT_PLURAL,
+    GROUP,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    PEERING_GROUP,
+    PEERING_PLURAL,
+    PEERING_VERSION,
+    SERIES_PLURAL,
+    VERSION,
+    event,
+    peering_status,
+)
+from relay.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 30.0  # seconds for each call of the operator
+# The receiver's publication thread waits less on each call: (connect, read) seconds.
+RECEIVER_TIMEOUT = (5.0, 15.0)
+CONFLICT_ATTEMPTS = 5  # read, decide, write guarded by resourceVersion: tries before giving up
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def outage_backoff() -> Backoff:
+    """Delays between attempts while the API is unavailable: 1 s doubling up to 30 s."""
+    return Backoff(initial=1.0, factor=2.0, maximum=30.0)
+
+
+# --- the errors ----------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A Kubernetes API call failed."""
+
+    def __init__(self, reason: str, status: int = 0):
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ApiUnavailable(ApiError):
+    """A transient failure: connection refused or reset, timeout, 5xx, 429. Retried with backoff."""
+
+
+class NotFound(ApiError):
+    """404: the object was deleted (or never was), or the resource type is not served."""
+
+
+class Conflict(ApiError):
+    """409 on an update: the object changed since we read it."""
+
+
+class AlreadyExists(Conflict):
+    """409 on a create: another process created the object first."""
+
+
+class Rejected(ApiError):
+    """The API answered with an error that retrying at once will not fix (400, 422, ...)."""
+
+    def __init__(self, reason: str, status: int = 0):
+        super().__init__(f"HTTP {status}: {reason}", status)
+
+
+class Forbidden(Rejected):
+    """401 or 403: the service account is not allowed to."""
+
+
+def error_for(status: int, reason: str) -> ApiError:
+    """The exception for an HTTP error status (0: the client failed before getting one)."""
+    if status == 404:
+        return NotFound(reason, status)
+    if status == 409:
+        return Conflict(reason, status)
+    if status == 0 or status == 429 or status >= 500:
+        return ApiUnavailable(f"HTTP {status}: {reason}" if status else reason, status)
+    if status in (401, 403):
+        return Forbidden(reason, status)
+    return Rejected(reason, status)
+
+
+def _message(exc) -> str:
+    """The Status message the API server sent (say, which field is invalid), else the reason."""
+    try:
+        message = json.loads(exc.body).get("message") if exc.body else None
+    except (ValueError, TypeError, AttributeError):
+        message = None
+    text = message or exc.reason or ""
+    return text if len(text) <= 500 else text[:500] + "..."
+
+
+def call(method, *args, timeout=REQUEST_TIMEOUT, **kwargs):
+    """`method(*args, **kwargs)` of the official client, bounded by `timeout`; errors as ApiError."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return method(*args, _request_timeout=timeout, **kwargs)
+    except ApiException as exc:
+        raise error_for(exc.status or 0, _message(exc)) from None
+    except (HTTPError, OSError) as exc:  # refused, reset, timed out, TLS handshake cut short
+        raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+# --- the calls -----------------------------------------------------------------------------------
+
+
+class KubeApi:
+    """ISDR's objects in one namespace: DicomSeries, Fingerprints, Jobs, Events, kopf's peering."""
+
+    def __init__(self, api_client, namespace: str, *, component: str = "isdr-operator", timeout=REQUEST_TIMEOUT):
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.component = component
+        self.host = socket.gethostname()
+        self.timeout = timeout
+
+    def _call(self, method, *args, **kwargs):
+        return call(method, *args, timeout=self.timeout, **kwargs)
+
+    # --- custom objects of group isdr.io ---
+
+    def _get(self, plural: str, name: str, group: str = GROUP, version: str = VERSION) -> dict | None:
+        try:
+            return self._call(self.custom.get_namespaced_custom_object, group, version, self.namespace, plural,
+                              name)
+        except NotFound:
+            return None
+
+    def _list(self, plural: str, **kwargs) -> list[dict]:
+        return self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
+                          **kwargs)["items"]
+
+    def _patch_status(self, plural: str, name: str, status: dict, resource_version: str | None) -> dict:
+        """Merge `status` in; with `resource_version`, only if the object is still that version
+        (else Conflict, or NotFound when it is gone)."""
+        patch: dict = {"status": status}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        return self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, self.namespace,
+                          plural, name, patch, _content_type=MERGE_PATCH)
+
+    # --- DicomSeries ---
+
+    def get_series(self, name: str) -> dict | None:
+        return self._get(SERIES_PLURAL, name)
+
+    def list_series(self) -> list[dict]:
+        return self._list(SERIES_PLURAL)
+
+    def can_list_series(self) -> None:
+        """A cheap probe: raises unless DicomSeries can be listed here (CRD installed, RBAC)."""
+        self._list(SERIES_PLURAL, limit=1)
+
+    def create_series(self, body: dict) -> dict:
+        try:
+            return self._call(self.custom.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                              SERIES_PLURAL, body)
+        except Conflict as exc:
+            raise AlreadyExists(body["metadata"]["name"], exc.status) from None
+
+    def patch_series_status(self, name: str, status: dict, resource_version: str | None = None) -> dict:
+        return self._patch_status(SERIES_PLURAL, name, status, resource_version)
+
+    def delete_series(self, name: str, resource_version: str) -> None:
+        """Delete it if it is still that version (else Conflict); gone already is fine."""
+        from kubernetes import client
+
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=resource_version))
+        try:
+            self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                       SERIES_PLURAL, name, body=options)
+        except NotFound:
+            pass
+
+    # --- Fingerprints ---
+
+    def list_fingerprints(self) -> list[dict]:
+        return self._list(FINGERPRINT_PLURAL)
+
+    def get_fingerprint(self, name: str) -> dict | None:
+        return self._get(FINGERPRINT_PLURAL, name)
+
+    def patch_fingerprint_status(self, name: str, status: dict, resource_version: str | None = None) -> dict:
+        return self._patch_status(FINGERPRINT_PLURAL, name, status, resource_version)
+
+    # --- ConfigMaps and Secrets a Fingerprint refers to ---
+
+    def key_problem(self, kind: str, name: str, key: str) -> str | None:
+        """What is wrong with a ConfigMap/Secret key reference (None: it resolves)."""
+        read = self.core.read_namespaced_config_map if kind == "ConfigMap" else self.core.read_namespaced_secret
+        try:
+            obj = self._call(read, name, self.namespace)
+        except NotFound:
+            return f"{kind} {name} not found in namespace {self.namespace}"
+        data = {**(obj.data or {}), **(getattr(obj, "binary_data", None) or {})}
+        if key not in data:
+            return f"{kind} {name} has no key {key!r}"
+        return None
+
+    # --- Jobs ---
+
+    def list_jobs(self) -> list[dict]:
+        """The Jobs the operator made (label app.kubernetes.io/managed-by), as plain dicts."""
+        response = self._call(self.batch.list_namespaced_job, self.namespace,
+                              label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}", _preload_content=False)
+        return json.loads(response.data)["items"]
+
+    def job_exists(self, name: str) -> bool:
+        try:
+            self._call(self.batch.read_namespaced_job, name, self.namespace)
+            return True
+        except NotFound:
+            return False
+
+    def create_job(self, job: dict) -> bool:
+        """True if created, False if it existed already (a re-dispatch after a restart)."""
+        try:
+            self._call(self.batch.create_namespaced_job, self.namespace, job)
+            return True
+        except Conflict:
+            return False
+
+    # --- kopf's peering ---
+
+    def get_peering_status(self, name: str) -> dict | None:
+        """The status of the KopfPeering `name` ({} when empty), None when it does not exist."""
+        return peering_status(self._get(PEERING_PLURAL, name, PEERING_GROUP, PEERING_VERSION))
+
+    # --- Events ---
+
+    def event(self, body: dict, reason: str, message: str, warning: bool = False) -> None:
+        """Post an Event on `body`; failures are logged, never raised (events are best effort)."""
+        try:
+            self._call(self.core.create_namespaced_event, self.namespace,
+                       event(body, self.namespace, reason, message, warning=warning, component=self.component,
+                             host=self.host, now=time.time()))
+        except Exception as exc:  # noqa: BLE001 - an event is never worth failing a step for
+            log.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], exc)
