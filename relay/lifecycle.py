@@ -84,6 +84,9 @@ class TaskState:
     delivered: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Succeeded, and the remote task is still to be deleted (best effort, resumed after a crash).
     remote_delete_pending: bool = False
+    # Errors met on the way, by kind (relay.metrics.ERROR_KINDS): what a Kubernetes Job's pod
+    # reports, since nobody scrapes it; the operator counts them (`isdr run` counts them itself).
+    errors: dict[str, int] = field(default_factory=dict)
     message: str = ""
     updated_at: float = 0.0
 

@@ -9,7 +9,8 @@ Who counts what:
   * the task pipeline: InferenceServer errors through ObservedInferenceClient, delivery errors and
     possible duplicate submits where they happen. In `isdr run` these are served; in `isdr job` (a
     Kubernetes Job's short-lived pod) they are counted but never scraped: that process serves
-    nothing, and its story is in `kubectl logs job/<name>`;
+    nothing, so it writes its error counts into the task's record (errors_counted), and the
+    operator adds them to its own counters once (errors_reported);
   * the drivers: tasks started and finished (`isdr run` from its workers, the operator from the
     Jobs it creates and the outcomes it records), series and tasks by phase read at scrape time
     (SeriesCollector), free storage read at scrape time (StorageCollector).
@@ -68,6 +69,11 @@ INFERENCE_OPERATIONS = ("submit", "poll", "delete")
 DELIVERY_UNAVAILABLE = "unavailable"  # no association (refused, unreachable, rejected, aborted)
 DELIVERY_REFUSED = "refused"  # the destination answered C-STORE with a failure status
 DELIVERY_REASONS = (DELIVERY_UNAVAILABLE, DELIVERY_REFUSED)
+
+# The same errors by kind, as a Kubernetes Job's pod writes them into its task record for the
+# operator to count (relay.kube.job_contract): inference_<operation>, delivery_<reason>.
+ERROR_KINDS = tuple(f"inference_{operation}" for operation in INFERENCE_OPERATIONS) + tuple(
+    f"delivery_{reason}" for reason in DELIVERY_REASONS)
 
 OTHER = "other"
 INVALID = "invalid"
@@ -168,6 +174,30 @@ def delivery_error(reason: str) -> None:
 
 def possible_duplicate_submit() -> None:
     POSSIBLE_DUPLICATE_SUBMITS.inc()
+
+
+def errors_counted() -> dict[str, int]:
+    """The InferenceServer and delivery errors this process counted so far, by kind (ERROR_KINDS)."""
+    counts = {}
+    for operation in INFERENCE_OPERATIONS:
+        counts[f"inference_{operation}"] = REGISTRY.get_sample_value(
+            "isdr_inference_errors_total", {"operation": operation}) or 0
+    for reason in DELIVERY_REASONS:
+        counts[f"delivery_{reason}"] = REGISTRY.get_sample_value("isdr_delivery_errors_total", {"reason": reason}) or 0
+    return {kind: int(value) for kind, value in counts.items() if value}
+
+
+def errors_reported(counts: dict[str, int]) -> None:
+    """Errors another process counted and reported (a Job's pod, through its task record): the
+    operator adds them to its own isdr_inference_errors_total and isdr_delivery_errors_total."""
+    for kind, count in counts.items():
+        if count <= 0:
+            continue
+        family, _, label = kind.partition("_")
+        if family == "inference" and label in INFERENCE_OPERATIONS:
+            INFERENCE_ERRORS.labels(label).inc(count)
+        elif family == "delivery" and label in DELIVERY_REASONS:
+            DELIVERY_ERRORS.labels(label).inc(count)
 
 
 class _TaskClock:

@@ -288,7 +288,8 @@ class SeriesDriver:
         outcome, job_message = job_outcome(job)
         record = read_task(self.storage, task_id)
         phase, message = task_phase_from_job(outcome, job_message, record)
-        report = TaskReport(phase, message, record.inference_uid if record else None)
+        report = TaskReport(phase, message, record.inference_uid if record else None,
+                            record.errors if record else None)
         for _ in range(CONFLICT_ATTEMPTS):
             body = self.api.get_series(series_name)
             if body is None:
@@ -301,6 +302,7 @@ class SeriesDriver:
             except Conflict:
                 continue
             entry = change.entry
+            metrics.errors_reported(change.new_errors)
             if change.first_uid and record.unknown_submits:
                 # The Job's pod counted its repeat too, but nobody scrapes it: the operator does.
                 metrics.possible_duplicate_submit()

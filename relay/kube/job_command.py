@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import replace
 
+from relay import metrics
 from relay.config import ConfigError, load_settings
 from relay.fingerprints.manifest import FingerprintError, fingerprint_from_manifest
 from relay.fingerprints.model import Fingerprint
@@ -32,6 +33,7 @@ from relay.kube.job_contract import (
     JobExit,
     destination_tls_dir,
     destination_tls_env,
+    with_errors,
 )
 from relay.lifecycle import TaskPhase, TaskState
 from relay.pipeline import Interrupted, NoSpaceForWork, PipelineSettings, TaskRunner, TaskSpec
@@ -127,7 +129,12 @@ def run_job(args) -> int:
         say(f"the task already failed: {state.message}")
         return JobExit.FAILED
 
+    # The errors of earlier pods of this Job, to which this pod adds its own in every save: the
+    # operator counts them from the record (this pod is never scraped).
+    earlier_errors = dict(state.errors)
+
     def save(task: TaskState) -> None:
+        task = with_errors(task, earlier_errors, metrics.errors_counted())
         if not writes.until_done(lambda: store.save(task, instances), f"task {args.task_id}",
                                  stop.is_set, stop.wait):
             raise Interrupted()

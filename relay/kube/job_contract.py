@@ -24,8 +24,12 @@ Reported by the pod:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import IntEnum
+from typing import Mapping
 
+from relay.lifecycle import TaskState
+from relay.metrics import ERROR_KINDS
 from relay.uids import SeriesKey
 
 
@@ -65,3 +69,9 @@ def job_command_line(task_id: str, key: SeriesKey, generation: int) -> tuple[lis
     return list(COMMAND), ["--task-id", task_id, "--series-uid", key.series_uid,
                            "--sop-class-uid", key.sop_class_uid, "--generation", str(generation)]
 
+
+def with_errors(task: TaskState, before: Mapping[str, int], counted: Mapping[str, int]) -> TaskState:
+    """The record `task` carrying the errors of the pods before this one (`before`, from the record
+    it resumed) plus those this pod `counted` so far (relay.metrics.errors_counted)."""
+    errors = {kind: int(before.get(kind) or 0) + int(counted.get(kind) or 0) for kind in ERROR_KINDS}
+    return replace(task, errors={kind: count for kind, count in errors.items() if count})

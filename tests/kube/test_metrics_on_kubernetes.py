@@ -15,6 +15,7 @@ from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
     key_of,
     make_peers,
     peers,
+    relay,
 )
 from tests.support.processes import free_port, wait_for_port, wait_until
 from tests.support.prometheus import scrape
@@ -42,16 +43,8 @@ class MeteredRelay(Relay):
 
 
 @pytest.fixture
-def metered_relay(kube_cluster, node_agent, kube_namespace, tmp_path):
-    if node_agent is None:
-        pytest.skip("these tests run Job pods through the local node agent")
-    kube_cluster.custom.create_namespaced_custom_object(
-        "kopf.dev", "v1", kube_namespace, "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "isdr"}})
-    relay = MeteredRelay(kube_cluster, node_agent, kube_namespace, tmp_path / "relay")
-    relay.workdir.mkdir(parents=True, exist_ok=True)
-    yield relay.start()
-    relay.stop()
+def metered_relay(relay):
+    return relay(MeteredRelay)
 
 
 def test_receiver_and_operator_metrics_tell_a_series_story_and_kopf_stays_quiet(metered_relay, peers, tmp_path):
@@ -99,3 +92,40 @@ def test_receiver_and_operator_metrics_tell_a_series_story_and_kopf_stays_quiet(
     log = r.operator_log()
     assert "succeeded." not in log, [line for line in log.splitlines() if "succeeded." in line][:5]
     assert "created Job" in log and "serving Prometheus metrics" in log
+
+
+def test_the_operator_counts_the_errors_a_job_met_once_and_not_again_after_a_restart(relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay(MeteredRelay, DELIVERY_TIMEOUT=4)  # a destination that never answers fails the task soon
+    wait_for_port(r.operator_metrics, timeout=30)
+    fingerprint = fingerprint_manifest("ct-organs", emulator, pacs)
+    fingerprint["spec"]["destinations"].append({"host": "127.0.0.1", "port": free_port(), "aeTitle": "NOBODY"})
+    assert r.apply(fingerprint).returncode == 0
+    wait_until(lambda: (r.fingerprint("ct-organs").get("status") or {}).get("conditions"), 30, "the Fingerprint")
+    files = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+    key = key_of(files)
+
+    r.send(files)
+    series = r.wait_series_phase(key, "Failed", timeout=180)
+    (task,) = series["status"]["tasks"]
+    # The Job's pod met the dead destination at each attempt and said so in its task record; the
+    # operator copied that onto the task's entry (`kubectl get dicomseries -o yaml` shows it) ...
+    reported = task["errors"]
+    assert reported["delivery_unavailable"] >= 1 and set(reported) == {"delivery_unavailable"}
+    failed = ("isdr_tasks_finished_total", (("fingerprint", "ct-organs"), ("outcome", "failed")))
+    operator = wait_until(lambda: (s := scrape(r.operator_metrics)[1]).get(failed) == 1 and s, 30,
+                          "the operator to count the failed task")
+    # ... and counted it, exactly as reported, though nothing ever scraped the pod.
+    assert operator[("isdr_delivery_errors_total", (("reason", "unavailable"),))] == reported["delivery_unavailable"]
+    assert not any(name == "isdr_inference_errors_total" and value for (name, _), value in operator.items())
+
+    # A restarted operator reads every Job and series again: it counts none of it a second time.
+    r.operator.stop(timeout=20)
+    r.start_operator()
+    wait_until(lambda: "operator ready" in (r.workdir / "operator-2.log").read_text(errors="replace"), 60,
+               "the restarted operator to catch up")
+    wait_for_port(r.operator_metrics, timeout=30)
+    after = scrape(r.operator_metrics)[1]
+    assert after.get(("isdr_delivery_errors_total", (("reason", "unavailable"),)), 0) == 0
+    assert after.get(failed, 0) == 0
+    assert (r.series(key) or {})["status"]["tasks"][0]["errors"] == reported

@@ -266,3 +266,16 @@ def test_times_are_written_to_the_microsecond_and_read_back(text):
     from relay.kube.resources import from_rfc3339
 
     assert to_rfc3339(from_rfc3339(text)).startswith(text.rstrip("Z"))
+
+
+def test_a_jobs_record_carries_the_errors_of_its_earlier_pods_plus_its_own():
+    from relay.kube.job_contract import with_errors
+    from relay.state_store import task_from_dict, task_to_dict
+
+    # (The runner's copy of the record says what the pod resumed from: `before` is that.)
+    task = TaskState(task_id="t", fingerprint="ct-organs", generation=1, errors={"inference_poll": 2})
+    recorded = with_errors(task, before={"inference_poll": 2, "delivery_refused": 1},
+                           counted={"inference_poll": 1, "inference_submit": 0, "not_a_kind": 4})
+    assert recorded.errors == {"inference_poll": 3, "delivery_refused": 1}
+    assert task_from_dict(task_to_dict(recorded)).errors == recorded.errors
+    assert task_from_dict({"task_id": "t", "fingerprint": "f", "generation": 1}).errors == {}

@@ -289,3 +289,24 @@ def test_a_taken_port_leaves_the_relay_running_without_metrics_and_says_so(caplo
         with caplog.at_level(logging.ERROR, logger="relay.metrics"):
             assert metrics.serve(taken.getsockname()[1], host="127.0.0.1") is None
     assert "running without metrics" in caplog.text
+
+
+def test_the_errors_a_process_counted_are_what_a_job_reports_and_the_operator_adds_them_up():
+    before = metrics.errors_counted()
+    metrics.inference_error("poll")
+    metrics.delivery_error(metrics.DELIVERY_REFUSED)
+    metrics.delivery_error(metrics.DELIVERY_REFUSED)
+    counted = metrics.errors_counted()
+    assert set(counted) <= set(metrics.ERROR_KINDS)
+    assert counted["inference_poll"] - before.get("inference_poll", 0) == 1
+    assert counted["delivery_refused"] - before.get("delivery_refused", 0) == 2
+
+    metrics.errors_reported({"inference_poll": 3, "delivery_unavailable": 1})
+    assert value("isdr_inference_errors_total", operation="poll") == counted["inference_poll"] + 3
+    assert value("isdr_delivery_errors_total", reason="unavailable") == before.get("delivery_unavailable", 0) + 1
+
+
+def test_a_reported_error_of_no_known_kind_or_count_adds_nothing():
+    before = metrics.errors_counted()
+    metrics.errors_reported({"inference_upload": 5, "patient_Zebra": 1, "delivery_refused": 0, "inference_poll": -2})
+    assert metrics.errors_counted() == before
