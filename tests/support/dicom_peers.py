@@ -53,7 +53,10 @@ class StoreSCP:
             self.folder.parent / f"storescp-{self.port}.log",
             env=dcmtk_env(),
         )
-        wait_for_port(self.port, process=self.process.popen)
+        try:
+            wait_for_port(self.port, process=self.process.popen)
+        except RuntimeError as exc:
+            raise RuntimeError(f"storescp: {exc}: {self.log()[-500:]}") from None
         return self
 
     def _tls_options(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -64,7 +65,29 @@ def require_dcmtk(name: str) -> str:
     return path
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A port free to listen on now, chosen below the kernel's ephemeral range: a port the kernel
+    handed out (bind to 0) is also what it gives the next outgoing connection of any process, and
+    the suite makes many (relay to PACS, API clients); one took a PACS's port between this choice
+    and storescp's bind now and then."""
+    low, _high = _ephemeral_ports()
+    candidates = range(max(1024, low - 12000), low)
+    for _attempt in range(50):
+        port = random.choice(candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+                return port
+            except OSError:
+                continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
