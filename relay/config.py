@@ -97,6 +97,9 @@ class Settings:
     s3_region: str | None = None
     # Refuse instances (C-STORE status A700 "out of resources") when less is free on a local disk.
     min_free_bytes: int = 256 * 1024 * 1024
+    # Local storage: the receiver makes instances durable through a write-ahead journal
+    # (relay.storage.journal) rather than an fsync of each file and of its folder.
+    storage_journal: bool = True
 
     # --- fingerprints ---
     fingerprint_dir: Path = Path("./fingerprints")
@@ -179,6 +182,7 @@ _ENV = {
     "S3_PREFIX": ("s3_prefix", lambda n, v: v.strip().strip("/")),
     "S3_REGION": ("s3_region", lambda n, v: v.strip() or None),
     "MIN_FREE_BYTES": ("min_free_bytes", lambda n, v: _parse_number(n, v, int, 0)),
+    "STORAGE_JOURNAL": ("storage_journal", _parse_bool),
     "FINGERPRINT_DIR": ("fingerprint_dir", lambda n, v: Path(v)),
     "POST_INTERVAL": ("post_interval", lambda n, v: _parse_number(n, v, float, 0.05)),
     "POST_AFTER": ("post_after", lambda n, v: _parse_number(n, v, float, 0)),

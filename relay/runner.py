@@ -110,7 +110,7 @@ class FingerprintSource:
 class Relay:
     def __init__(self, settings: Settings, storage: Storage | None = None, matcher=matching_fingerprints):
         self.settings = settings
-        self.storage = storage or open_storage(settings)
+        self.storage = storage or open_storage(settings, receiving=True)
         self.rules = lifecycle_rules(settings)
         self.matcher = matcher
         self.registry = SeriesRegistry()
@@ -149,6 +149,7 @@ class Relay:
         if self._scheduler is not None:
             self._scheduler.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.storage.close()
 
     def serve_forever(self) -> None:
         def _signal(signum, _frame):

@@ -104,7 +104,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         log.error("%s", exc)
         return 2
     try:
-        storage = open_storage(settings)
+        storage = open_storage(settings, receiving=True)
     except (StorageError, OSError) as exc:
         log.error("cannot open the storage: %s", exc)
         return 1
@@ -129,6 +129,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         log.error("cannot start: %s", exc)
         publisher.stop(timeout=0)
         connection.close()
+        storage.close()
         return 1
     log.info("publishing DicomSeries to namespace %s at %s as %s", connection.namespace, connection.server,
              publisher.pod_name)
@@ -148,6 +149,7 @@ def serve(settings, *, namespace: str | None = None, kubeconfig: str | None = No
         readiness.shutting_down()  # Services stop sending while running associations finish
         receiver.stop(drain_timeout)  # no new associations; let running ones finish
         publisher.stop(timeout=flush_timeout)
+        storage.close()
         connection.close()
         for running in (endpoint, health_endpoint):
             if running is not None:

@@ -94,6 +94,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str: ...
 
+    def close(self) -> None:
+        """Finish what the backend does in the background (local storage: its journal)."""
+
     def put_bytes(self, key: str, data: bytes) -> None:
         self.put(key, (data,))
 

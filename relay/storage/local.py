@@ -1,15 +1,22 @@
 """Storage in a local (or shared, ReadWriteMany) directory.
 
-Every object is written to a temporary file under the root, fsynced, renamed into place and its
-folder fsynced: a crash leaves either the old object or the new one, never half of one, and an
-acknowledged object survives power loss. Concurrent writers into one folder share the folder's
-fsync (group commit): a writer waits for a folder fsync that started after its rename, which is
-one fsync for several instances when several associations store into one series at once.
+Every object is written to a temporary file under the root and renamed into place once it is
+durable: a crash leaves either the old object or the new one, never half of one, and an
+acknowledged object survives power loss. It is made durable in one of two ways:
+
+  * classic: fdatasync of the file, rename, fsync of its folder. Concurrent writers into one
+    folder share the folder's fsync (group commit): a writer waits for a folder fsync that
+    started after its rename, one fsync for several instances of one series at once.
+  * journaled (STORAGE_JOURNAL, the receiver's default): the bytes also go to a write-ahead
+    journal, whose one fdatasync (of blocks it already owns) replaces both fsyncs; a checkpoint
+    thread fsyncs files and folders in batches later (relay.storage.journal says why this is
+    durable). An upload that the journal cannot take falls back to the classic way.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -17,8 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from relay.storage import journal as journal_module
 from relay.storage.base import Chunks, ObjectInfo, Storage, StorageError, StorageFull, Upload, check_key
+from relay.storage.journal import Journal, fsync_dir as _fsync_dir
 
+log = logging.getLogger("relay.storage")
 _TMP_PREFIX = ".tmp-"
 # An upload still being written checks the free space again every this many bytes, so that one
 # endless instance cannot eat the MIN_FREE_BYTES reserve.
@@ -26,7 +36,9 @@ _FREE_SPACE_CHECK_EVERY = 64 * 1024 * 1024
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: Path, min_free_bytes: int = 0):
+    def __init__(self, root: Path, min_free_bytes: int = 0, journal: bool = False):
+        """`journal`: make uploads durable through a write-ahead journal (see the module's text);
+        the journals of processes that died are replayed here, before anything reads."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
@@ -34,6 +46,28 @@ class LocalStorage(Storage):
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self._folder_syncs = _GroupCommit()
+        self.journal: Journal | None = None
+        self._ready_files: _ReadyFiles | None = None
+        if journal:
+            folder = self.root / journal_module.FOLDER_NAME
+            try:
+                journal_module.recover(folder, self.put, self._path)
+                self.journal = Journal(folder)
+            except OSError as exc:
+                raise _storage_error(exc, f"could not open the storage journal in {folder}") from exc
+            self._ready_files = _ReadyFiles(self.root)
+
+    def close(self) -> None:
+        """Checkpoint and remove the journal, if any (what a clean stop leaves needs no replay)."""
+        journal, self.journal = self.journal, None
+        ready_files, self._ready_files = self._ready_files, None
+        if ready_files is not None:
+            ready_files.close()
+        if journal is not None:
+            try:
+                journal.close()
+            except OSError as exc:
+                log.error("closing the storage journal failed (it is replayed at the next start): %s", exc)
 
     def describe(self) -> str:
         return f"local directory {self.root}"
@@ -67,7 +101,8 @@ class LocalStorage(Storage):
 
     def open_upload(self) -> "LocalUpload":
         self.check_free_space()
-        return LocalUpload(self)
+        ready_files = self._ready_files
+        return LocalUpload(self, ready_files.take() if ready_files is not None else None)
 
     def check_free_space(self) -> None:
         if self.min_free_bytes:
@@ -91,13 +126,16 @@ class LocalStorage(Storage):
         finally:
             upload.discard()
 
-    def _place(self, tmp: Path, key: str) -> None:
-        """Rename a complete, fsynced temporary file to `key` and make the folder entry durable.
+    def _target(self, key: str) -> Path:
+        """Where `key` is stored, its folder made (durably) if it was not there.
 
         The folder is checked once (in _ensure_dir), not per file: the file itself is renamed
         into place, which replaces a symlink there rather than following it."""
         path = self.root / check_key(key)
         self._ensure_dir(path.parent)
+        return path
+
+    def _rename(self, tmp: Path, path: Path) -> None:
         try:
             os.replace(tmp, path)
         except FileNotFoundError:
@@ -105,6 +143,11 @@ class LocalStorage(Storage):
             self._known_dirs.discard(path.parent)
             self._ensure_dir(path.parent)
             os.replace(tmp, path)
+
+    def _place(self, tmp: Path, key: str) -> None:
+        """Rename a complete, fsynced temporary file to `key` and make the folder entry durable."""
+        path = self._target(key)
+        self._rename(tmp, path)
         self._folder_syncs.sync_after_rename(path.parent)
 
     def get(self, key: str) -> bytes:
@@ -134,7 +177,7 @@ class LocalStorage(Storage):
         if not start.is_dir():
             return
         for folder, dirs, files in os.walk(start):
-            dirs.sort()
+            dirs[:] = sorted(name for name in dirs if not name.startswith(_TMP_PREFIX))
             for name in sorted(files):
                 if name.startswith(_TMP_PREFIX):
                     continue
@@ -182,9 +225,11 @@ class LocalStorage(Storage):
     def clean_temporary_files(self) -> int:
         """Remove temporary files left by a crash in the middle of a put."""
         removed = 0
-        for folder, _dirs, files in os.walk(self.root):
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = [name for name in dirs if name != journal_module.FOLDER_NAME]  # live journals
             for name in files:
-                if name.startswith(_TMP_PREFIX):
+                if name.startswith(_TMP_PREFIX) and not (
+                        self._ready_files is not None and self._ready_files.owns(Path(folder) / name)):
                     _unlink_quietly(Path(folder) / name)
                     removed += 1
         return removed
@@ -192,16 +237,17 @@ class LocalStorage(Storage):
 
 class LocalUpload(Upload):
     """A temporary file in the storage root, renamed to its key once complete (same file system,
-    so the rename is atomic); `clean_temporary_files` removes what a crash left behind."""
+    so the rename is atomic); `clean_temporary_files` removes what a crash left behind. With a
+    journal, every fragment is journaled too, and the commit is the journal's."""
 
-    def __init__(self, storage: LocalStorage):
+    def __init__(self, storage: LocalStorage, created: tuple[Path, int] | None = None):
+        """`created`: a temporary file made ahead (its path and descriptor), else one is made."""
         self._storage = storage
         self._unchecked = 0  # bytes written since free space was last checked
-        self._tmp: Path | None = storage.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except OSError as exc:
-            raise _storage_error(exc, "could not create a temporary file") from exc
+        self._journal = storage.journal  # None: this upload is committed the classic way
+        self._entry = None  # taken at the first write: a spare upload may wait a while for it
+        self._tmp: Path | None
+        self._tmp, self._fd = created or _create_temporary(storage.root)
 
     def write(self, data) -> None:
         view = memoryview(data)
@@ -214,16 +260,29 @@ class LocalUpload(Upload):
                 self.discard()
                 raise
         try:
+            data = view
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
             self.discard()
             raise _storage_error(exc, "could not write") from exc
+        if self._journal is not None:
+            if self._entry is None:
+                self._entry = self._journal.begin()
+            if self._entry is None or not self._journal.append(self._entry, data):
+                self._journal = None
 
     def commit(self, key: str) -> None:
         if self._tmp is None:
             raise StorageError(f"upload for {key} was discarded")
         try:
+            if self._journal is not None and self._entry is not None:
+                tmp, path = self._tmp, self._storage._target(key)
+                if self._journal.commit(self._entry, key, path, lambda: self._storage._rename(tmp, path)):
+                    self._tmp = None
+                    os.close(self._fd)
+                    self._fd = -1
+                    return
             os.fdatasync(self._fd)  # the data and what is needed to read it back; not the mtime
             os.close(self._fd)
             self._fd = -1
@@ -240,6 +299,77 @@ class LocalUpload(Upload):
         if self._tmp is not None:
             _unlink_quietly(self._tmp)
             self._tmp = None
+
+
+def _temporary_path(root: Path) -> Path:
+    return root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def _create_temporary(root: Path, path: Path | None = None) -> tuple[Path, int]:
+    path = path or _temporary_path(root)
+    try:
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except OSError as exc:
+        raise _storage_error(exc, "could not create a temporary file") from exc
+
+
+class _ReadyFiles:
+    """Temporary files created ahead by a thread of their own, so that creating a file (as long
+    as receiving a small instance) overlaps the association's own work; `take` never waits."""
+
+    KEEP = 2
+
+    def __init__(self, root: Path):
+        self._root = root
+        self._ready: list[tuple[Path, int]] = []
+        self._making: Path | None = None
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._fill_forever, name="storage-files", daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[Path, int] | None:
+        with self._changed:
+            if not self._ready:
+                return None
+            created = self._ready.pop()
+            self._changed.notify()
+            return created
+
+    def _fill_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._stopping and len(self._ready) >= self.KEEP:
+                    self._changed.wait()
+                if self._stopping:
+                    return
+                self._making = _temporary_path(self._root)  # named before it exists: see `owns`
+            try:
+                created = _create_temporary(self._root, self._making)
+            except StorageError as exc:  # a full disk, ...: the uploads create their own and say why
+                log.debug("creating a temporary file ahead failed: %s", exc)
+                with self._changed:
+                    self._making = None
+                    self._changed.wait(timeout=1.0)
+                continue
+            with self._changed:
+                self._ready.append(created)
+                self._making = None
+
+    def owns(self, path: Path) -> bool:
+        """Whether `path` is a file made ahead and not yet taken (temporary-file cleanup spares it)."""
+        with self._changed:
+            return path == self._making or any(path == ready for ready, _fd in self._ready)
+
+    def close(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+        for path, fd in self._ready:
+            os.close(fd)
+            _unlink_quietly(path)
+        self._ready.clear()
 
 
 class _GroupCommit:
@@ -275,14 +405,6 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left: {what}: {exc}")
     return StorageError(f"{what}: {exc}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

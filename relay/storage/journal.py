@@ -1,0 +1,358 @@
+"""A write-ahead journal for local storage: an upload is made durable by one fdatasync of a
+reused journal file, instead of an fsync of its new file and one of its folder.
+
+Why this is as durable as fsyncing each file and folder, and cheaper: an fsync of a new file
+commits the file system's metadata journal (the file's blocks, size, directory entry), and the
+folder fsync commits it again; on the disks measured for this relay those two cost 1-1.3 ms per
+instance, more than receiving it. Overwriting blocks of a file that already has them needs no
+metadata at all, so its fdatasync only flushes data: 0.1-0.4 ms. So each upload's bytes are
+written twice: to its temporary file (renamed to its key, as before) and to the journal; the
+journal is fdatasynced before the rename, and the sender is answered after the rename. A
+checkpoint thread later fsyncs the files and folders the journal covers, in one batch, and only
+then lets the journal be overwritten. At every moment an acknowledged instance is either
+fsynced in its place or in a journal record that is fdatasynced and not yet overwritten.
+
+After a crash, the journal of the process that died (its lock file no longer locked) is read
+by the next process that opens the storage with a journal:
+  * same boot (the process died, the kernel did not): every file renamed into place is intact
+    in the page cache, so the files its records name are fsynced (and their folders), nothing
+    is rewritten; a file that is missing was deleted after it was stored, or never renamed
+    (then it was never acknowledged).
+  * another boot (power loss, kernel crash): every committed record is written back to its key
+    through a classic durable put. An instance deleted in the second or so between its commit
+    and the checkpoint can come back; the relay already treats an instance that reappears as a
+    duplicate of what was dispatched (like a deletion that the crash undid).
+
+Records are written in two alternating slot files; each slot has a header with an epoch number
+and the boot id, written and fdatasynced when the slot is recycled, so records left over from
+an earlier use of the slot (a different epoch) are never replayed. An upload whose records would
+span a slot switch, or that does not fit in the slot, falls back to the classic path (fdatasync
+of its file, rename, folder fsync), so nothing waits for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from itertools import count
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger("relay.storage")
+
+FOLDER_NAME = ".tmp-journal"  # under the storage root; listings and temporary-file cleanup skip it
+# Each slot is filled with zeros when created, so that every later record overwrites blocks the
+# file owns (no metadata to commit). A slot half full is checkpointed; an upload that would not
+# fit in what is left takes the classic path.
+SLOT_BYTES = 16 * 1024 * 1024
+CHECKPOINT_INTERVAL = 0.5  # seconds from a slot's first commit to its checkpoint
+_ZEROS = bytes(1024 * 1024)
+_HEADER = struct.Struct("<8sQ40s")  # magic, epoch, boot id
+_HEADER_MAGIC = b"ISDRJNL1"
+HEADER_SIZE = 4096
+_RECORD = struct.Struct("<4sQQBxxxII")  # magic, epoch, upload id, kind, payload length, crc32 of payload
+_RECORD_MAGIC = b"ISJR"
+FRAGMENT, COMMIT = 1, 2
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot ("" if unknown: then every replay rewrites)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Entry:
+    """One upload's place in the journal (valid while its slot keeps the epoch it began in)."""
+
+    __slots__ = ("slot", "epoch", "upload_id", "valid")
+
+    def __init__(self, slot: "_Slot", epoch: int, upload_id: int):
+        self.slot, self.epoch, self.upload_id, self.valid = slot, epoch, upload_id, True
+
+
+class _Slot:
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        for offset in range(0, size, len(_ZEROS)):
+            os.pwrite(self.fd, _ZEROS[:size - offset], offset)
+        self.epoch = 0
+        self.end = HEADER_SIZE
+        self.inflight = 0  # writers between their reservation and the end of their pwrite/fdatasync
+        self.written = 0  # records whose pwrite finished (the group fdatasync's tickets)
+        self.synced = 0
+        self.sync_lock = threading.Lock()
+        self.committed: list[Path] = []
+        self.first_commit = 0.0
+
+
+class Journal:
+    def __init__(self, folder: Path, slot_bytes: int = SLOT_BYTES, interval: float = CHECKPOINT_INTERVAL):
+        self.folder = folder
+        self.slot_bytes = slot_bytes
+        self.interval = interval
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        self._lock_fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # released by the kernel when this process dies
+        self._boot = boot_id()
+        self._epochs = count(int(time.time() * 1000) << 8)
+        self._slots = [_Slot(folder / f"{name}.{index}", slot_bytes) for index in (0, 1)]
+        for slot in self._slots:
+            self._prepare(slot)  # its fdatasync also makes the zeros durable
+        fsync_dir(folder)
+        self._active = self._slots[0]
+        self._ids = count(1)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stopping = False
+        self.checkpoints = 0
+        self._thread = threading.Thread(target=self._checkpoint_forever, name="storage-journal", daemon=True)
+        self._thread.start()
+
+    # --- the writers' side ----------------------------------------------------------------
+
+    def begin(self) -> Entry | None:
+        with self._lock:
+            if self._stopping:
+                return None
+            return Entry(self._active, self._active.epoch, next(self._ids))
+
+    def append(self, entry: Entry, data) -> bool:
+        """Journal one fragment of the upload; False: the upload must take the classic path."""
+        return self._write(entry, FRAGMENT, data, None) if entry.valid else False
+
+    def commit(self, entry: Entry, key: str, path: Path, place: Callable[[], None]) -> bool:
+        """Journal the upload's key, fdatasync the journal, then `place` the file (its rename).
+        False (nothing placed): the upload must take the classic path."""
+        return self._write(entry, COMMIT, key.encode(), (path, place)) if entry.valid else False
+
+    def _write(self, entry: Entry, kind: int, data, commit) -> bool:
+        slot = entry.slot
+        header = _RECORD.pack(_RECORD_MAGIC, entry.epoch, entry.upload_id, kind, len(data), zlib.crc32(data))
+        with self._lock:
+            if (slot is not self._active or slot.epoch != entry.epoch
+                    or slot.end + len(header) + len(data) > self.slot_bytes):
+                entry.valid = False
+                return False
+            offset = slot.end
+            slot.end += len(header) + len(data)
+            slot.inflight += 1
+            if commit is not None:
+                if not slot.committed:
+                    slot.first_commit = time.monotonic()
+                    self._changed.notify_all()
+                slot.committed.append(commit[0])
+        try:
+            try:
+                written = os.pwritev(slot.fd, [header, data], offset)
+                if written != len(header) + len(data):
+                    raise OSError(f"short write to the journal ({written} bytes)")
+                if commit is not None:
+                    self._sync(slot)
+            except OSError as exc:
+                log.warning("storage journal %s: %s; this upload is made durable on its own", slot.path, exc)
+                entry.valid = False
+                return False
+            if commit is not None:
+                commit[1]()
+            return True
+        finally:
+            with self._lock:
+                slot.inflight -= 1
+                if not slot.inflight:
+                    self._changed.notify_all()
+
+    def _sync(self, slot: _Slot) -> None:
+        """fdatasync the slot, shared by concurrent committers: a ticket taken after one's own
+        pwrite is covered by any fdatasync that starts after it was taken."""
+        with self._lock:
+            slot.written += 1
+            ticket = slot.written
+        with slot.sync_lock:
+            if slot.synced >= ticket:
+                return
+            with self._lock:
+                covered = slot.written
+            os.fdatasync(slot.fd)
+            slot.synced = covered
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _checkpoint_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._due(self._active):
+                    wait = (self._active.first_commit + self.interval - time.monotonic()
+                            if self._active.committed else None)
+                    self._changed.wait(timeout=wait)
+                if self._stopping:
+                    return
+            try:
+                self.checkpoint()
+            except OSError as exc:  # the files are not known durable: keep their records, retry
+                log.error("storage journal checkpoint failed (retrying in 1 s): %s", exc)
+                time.sleep(1.0)
+
+    def _due(self, slot: _Slot) -> bool:
+        return bool(slot.committed) and (time.monotonic() - slot.first_commit >= self.interval
+                                         or slot.end > self.slot_bytes // 2)
+
+    def checkpoint(self) -> None:
+        """Switch writers to the other slot, make what the old one covers durable in place, and
+        recycle it. Uploads still writing into the old slot fall back to the classic path."""
+        with self._lock:
+            old = self._active
+            self._active = self._slots[1] if old is self._slots[0] else self._slots[0]
+            while old.inflight:
+                self._changed.wait()
+            committed, old.committed = old.committed, []
+        try:
+            folders = set()
+            for path in dict.fromkeys(committed):
+                if _fsync_path(path):
+                    folders.add(path.parent)
+            for folder in folders:
+                fsync_dir(folder)
+        except OSError:
+            with self._lock:
+                old.committed[:0] = committed
+            raise
+        self._prepare(old)
+        self.checkpoints += 1
+
+    def _prepare(self, slot: _Slot) -> None:
+        """Give the slot a new epoch (durably), so none of its older records is ever replayed."""
+        slot.epoch = next(self._epochs)
+        os.pwrite(slot.fd, _HEADER.pack(_HEADER_MAGIC, slot.epoch, self._boot.encode()), 0)
+        os.fdatasync(slot.fd)
+        slot.end = HEADER_SIZE
+        slot.written = slot.synced = 0
+
+    def close(self) -> None:
+        """Checkpoint everything and remove the journal (a clean stop leaves nothing to replay)."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+        self.checkpoint()
+        self.checkpoint()
+        for slot in self._slots:
+            os.close(slot.fd)
+            slot.path.unlink(missing_ok=True)
+        (self.folder / f"{self._slots[0].path.stem}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+def recover(folder: Path, rewrite: Callable[[str, Iterator[bytes]], None], key_path: Callable[[str], Path]) -> int:
+    """Replay the journals of processes that died (their lock is free); returns how many
+    committed uploads were made durable. `rewrite(key, chunks)` is a classic durable put."""
+    if not folder.is_dir():
+        return 0
+    recovered = 0
+    current_boot = boot_id()
+    for lock_path in sorted(folder.glob("*.lock")):
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process's journal
+            name = lock_path.stem
+            for index in (0, 1):
+                slot_path = folder / f"{name}.{index}"
+                if slot_path.exists():
+                    recovered += _replay(slot_path, current_boot, rewrite, key_path)
+                    slot_path.unlink()
+            lock_path.unlink()
+        finally:
+            os.close(fd)
+    fsync_dir(folder)
+    return recovered
+
+
+def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
+    with open(slot_path, "rb") as slot:
+        head = slot.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            return 0
+        magic, epoch, boot = _HEADER.unpack(head)
+        if magic != _HEADER_MAGIC:
+            return 0
+        same_boot = bool(current_boot) and boot.rstrip(b"\x00").decode(errors="replace") == current_boot
+        fragments: dict[int, list[tuple[int, int]]] = {}
+        replayed = 0
+        offset = HEADER_SIZE
+        folders = set()
+        while True:
+            slot.seek(offset)
+            raw = slot.read(_RECORD.size)
+            if len(raw) < _RECORD.size:
+                break
+            magic, record_epoch, upload_id, kind, length, crc = _RECORD.unpack(raw)
+            if magic != _RECORD_MAGIC or record_epoch != epoch:
+                break
+            payload = slot.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                break  # the record being written when the process died: never acknowledged
+            if kind == FRAGMENT:
+                fragments.setdefault(upload_id, []).append((offset + _RECORD.size, length))
+            elif kind == COMMIT:
+                key = payload.decode()
+                parts = fragments.pop(upload_id, [])
+                if same_boot:
+                    path = key_path(key)
+                    if _fsync_path(path):
+                        folders.add(path.parent)
+                        replayed += 1
+                else:
+                    rewrite(key, _read_parts(slot_path, parts))
+                    replayed += 1
+            offset += _RECORD.size + length
+        for folder in folders:
+            fsync_dir(folder)
+        if replayed:
+            log.warning("storage journal %s of a process that stopped without checkpointing: %d instance(s) %s",
+                        slot_path.name, replayed, "fsynced in place" if same_boot else "written back after a restart "
+                        "of the machine")
+        return replayed
+
+
+def _read_parts(slot_path: Path, parts: list[tuple[int, int]]) -> Iterator[bytes]:
+    with open(slot_path, "rb") as slot:
+        for offset, length in parts:
+            slot.seek(offset)
+            yield slot.read(length)
+
+
+def _fsync_path(path: Path) -> bool:
+    """fsync a file by its name; False if it is not there (deleted since)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

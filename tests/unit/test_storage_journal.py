@@ -1,0 +1,160 @@
+"""The local storage's write-ahead journal: an upload is durable once its commit returns, through
+a journal record until a checkpoint has fsynced it in place; a process that dies leaves a
+journal that the next one replays (fsyncs in place on the same boot, writes back after a
+restart of the machine); nothing that was not committed, or was checkpointed, is replayed."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relay.storage import journal as journal_module
+from relay.storage.journal import FOLDER_NAME, Journal
+from relay.storage.local import LocalStorage
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = [f"series/1.2/1.3/1.{index}.dcm" for index in range(5)]
+
+
+def content(index: int) -> bytes:
+    return bytes([index]) * (1000 + 37 * index) + b"end"
+
+
+def put_in_a_process_that_dies(root: Path, keys: list[str], checkpoint_first: bool = False,
+                               cut_last_record: bool = False) -> None:
+    """Puts `keys` through a journaled storage in a child process that exits without closing it."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from relay.storage.local import LocalStorage
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from unit.test_storage_journal import content
+        storage = LocalStorage(Path({str(root)!r}), journal=True)
+        storage.journal.interval = 3600
+        keys = {keys!r}
+        for index, key in enumerate(keys):
+            storage.put(key, (content(index)[:500], content(index)[500:]))
+            if {checkpoint_first!r} and index == len(keys) - 2:
+                storage.journal.checkpoint()
+        if {cut_last_record!r}:
+            slot = storage.journal._active
+            os.pwrite(slot.fd, b"\\xff" * 8, slot.end - 8)  # the last record's key, cut short
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
+
+
+def journal_files(root: Path) -> list[str]:
+    return sorted(path.name for path in (root / FOLDER_NAME).iterdir())
+
+
+def test_a_journaled_put_is_in_place_when_it_returns_and_a_close_leaves_no_journal(tmp_path):
+    storage = LocalStorage(tmp_path, journal=True)
+    for index, key in enumerate(KEYS):
+        storage.put(key, (content(index),))
+    assert [storage.get(key) for key in KEYS] == [content(index) for index in range(len(KEYS))]
+    assert [info.key for info in storage.list("")] == KEYS, "the journal is not an object"
+    storage.close()
+    assert journal_files(tmp_path) == []
+
+
+def test_a_checkpoint_fsyncs_what_the_slot_covers_and_recycles_it(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(journal_module, "_fsync_path", lambda path: synced.append(path.name) or True)
+    storage = LocalStorage(tmp_path, journal=True)
+    storage.journal.interval = 3600
+    storage.put(KEYS[0], (content(0),))
+    storage.put(KEYS[1], (content(1),))
+    epoch = storage.journal._active.epoch
+    storage.journal.checkpoint()
+    assert synced == ["1.0.dcm", "1.1.dcm"]
+    assert storage.journal._slots[0].epoch != epoch, "the slot gets a new epoch: its records are void"
+    storage.close()
+
+
+def test_a_process_killed_on_the_same_boot_leaves_files_that_are_fsynced_in_place(tmp_path, monkeypatch):
+    put_in_a_process_that_dies(tmp_path, KEYS)
+    synced = []
+    real = journal_module._fsync_path
+    monkeypatch.setattr(journal_module, "_fsync_path", lambda path: synced.append(path.name) or real(path))
+    storage = LocalStorage(tmp_path, journal=True)
+    assert sorted(synced) == sorted(Path(key).name for key in KEYS)
+    assert [storage.get(key) for key in KEYS] == [content(index) for index in range(len(KEYS))]
+    storage.close()
+    assert journal_files(tmp_path) == []
+
+
+def test_after_a_machine_restart_every_committed_upload_is_written_back(tmp_path, monkeypatch):
+    put_in_a_process_that_dies(tmp_path, KEYS)
+    for key in KEYS[1:]:
+        (tmp_path / key).unlink()  # what the page cache held and the crash lost
+    (tmp_path / KEYS[0]).write_bytes(b"")  # a file renamed into place whose data never reached the disk
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "another-boot")
+    storage = LocalStorage(tmp_path, journal=True)
+    assert [storage.get(key) for key in KEYS] == [content(index) for index in range(len(KEYS))]
+    storage.close()
+
+
+def test_a_record_cut_short_by_the_crash_is_not_replayed(tmp_path, monkeypatch):
+    put_in_a_process_that_dies(tmp_path, KEYS, cut_last_record=True)
+    for key in KEYS:
+        (tmp_path / key).unlink()
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "another-boot")
+    storage = LocalStorage(tmp_path, journal=True)
+    assert [key for key in KEYS if storage.exists(key)] == KEYS[:-1], "the cut record was never acknowledged"
+    storage.close()
+
+
+def test_records_a_checkpoint_covered_are_never_replayed(tmp_path, monkeypatch):
+    put_in_a_process_that_dies(tmp_path, KEYS, checkpoint_first=True)
+    for key in KEYS:
+        (tmp_path / key).unlink()  # deleted after they were stored (a cleaned-up series)
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "another-boot")
+    storage = LocalStorage(tmp_path, journal=True)
+    assert [key for key in KEYS if storage.exists(key)] == KEYS[-1:], \
+        "only the upload after the checkpoint is in a live record"
+    storage.close()
+
+
+def test_the_journal_of_a_running_process_is_left_alone(tmp_path):
+    running = LocalStorage(tmp_path, journal=True)
+    running.journal.interval = 3600
+    running.put(KEYS[0], (content(0),))
+    before = journal_files(tmp_path)
+    other = LocalStorage(tmp_path, journal=True)
+    assert set(before) <= set(journal_files(tmp_path)), "a journal whose lock is held is not replayed"
+    other.close()
+    running.clean_temporary_files()
+    assert set(before) <= set(journal_files(tmp_path)), "temporary-file cleanup spares live journals"
+    for index, key in enumerate(KEYS):
+        running.put(key, (content(index),))  # and the files it made ahead for uploads
+    assert running.get(KEYS[-1]) == content(len(KEYS) - 1)
+    running.close()
+
+
+def test_an_upload_that_spans_a_checkpoint_is_committed_the_classic_way(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path, journal=True)
+    storage.journal.interval = 3600
+    upload = storage.open_upload()
+    upload.write(b"first half ")
+    storage.journal.checkpoint()
+    upload.write(b"second half")
+    classic = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: classic.append(fd) or real(fd))
+    upload.commit(KEYS[0])
+    assert classic, "its own file was fdatasynced"
+    assert storage.get(KEYS[0]) == b"first half second half"
+    storage.close()
+
+
+def test_an_upload_larger_than_what_is_left_of_the_slot_is_committed_the_classic_way(tmp_path):
+    journal = Journal(tmp_path / "journal", slot_bytes=64 * 1024, interval=3600)
+    entry = journal.begin()
+    assert journal.append(entry, bytes(16 * 1024))
+    assert not journal.append(entry, bytes(64 * 1024)), "does not fit: the upload goes the classic way"
+    assert not journal.commit(entry, "k", tmp_path / "k", lambda: pytest.fail("never placed"))
+    journal.close()
