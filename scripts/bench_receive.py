@@ -9,15 +9,20 @@ Receivers, each started fresh for every round:
   * storescp         dcmtk's SCP, the reference on 1 association (it does not fsync)
   * storescp-fork    storescp --fork, one process per association: the reference on 4
   * bare-pynetdicom  a pynetdicom handler that only writes event.encoded_dataset() to a file
-  * isdr-run         the relay in one process (validates, fsyncs each file and its folder
-                     entry before answering, registers the series)
+  * isdr-run         the relay in one process (validates, makes each instance durable through
+                     the storage journal before answering, registers the series)
+  * isdr-run-classic the same with STORAGE_JOURNAL=false: an fdatasync of each file and an
+                     fsync of its folder before answering (what the relay did before the journal)
   * isdr-scp         the Kubernetes receiver, its publishing pointed at an API server that is
                      not there (instances are stored and queued for publishing)
-Prints, per workload and association count, the median of --rounds of instances per second, the
-ratio to the reference, the receiver's CPU seconds per instance (its own and its children's) and
-its peak RSS; and first the disk's fsync latency and the relay's durable put, which bound every
-receiver that makes each instance durable before answering: on one association the line
-"(fsync ceiling)" is the reference's rate slowed by one durable put per instance.
+The rounds alternate between the receivers (round 1 of each, then round 2, ...), so that a
+change of the machine's load touches them all. Prints, per workload and association count, the
+median of --rounds of instances per second and their range, the ratio of the medians to the
+reference, the receiver's CPU seconds per instance (its own and its children's) and its peak
+RSS; first the disk's fsync latency and the relay's durable put (journaled and classic), which
+bound every receiver that makes each instance durable before answering: on one association the
+line "(fsync ceiling)" is the reference's rate slowed by one journaled put per instance; and
+the load average before each workload.
 
     python scripts/bench_receive.py [--rounds 3] [--data benchmark-data] [--associations 1,4]
 """
@@ -101,10 +106,11 @@ def start_receiver(kind: str, port: int, out: Path) -> subprocess.Popen:
         args, env = [STORESCP, *fork, "-aet", "BENCH", "--output-directory", str(out), str(port)], dcmtk_env()
     elif kind == "bare-pynetdicom":
         args, env = [sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out)], dict(os.environ)
-    elif kind == "isdr-run":
+    elif kind in ("isdr-run", "isdr-run-classic"):
         fingerprints = out / "fingerprints"
         fingerprints.mkdir()
-        env = {**relay_env, "FINGERPRINT_DIR": str(fingerprints), "POST_AFTER": "3600"}
+        env = {**relay_env, "FINGERPRINT_DIR": str(fingerprints), "POST_AFTER": "3600",
+               "STORAGE_JOURNAL": "false" if kind == "isdr-run-classic" else "true"}
         args = [sys.executable, "-m", "relay.cli", "run"]
     elif kind == "isdr-scp":
         kubeconfig = out / "kubeconfig"
@@ -145,22 +151,33 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def measure(kind: str, folders: list[Path], count: int, rounds: int) -> dict[str, float]:
-    rates, cpu, rss = [], [], []
+def measure_once(kind: str, folders: list[Path], count: int) -> tuple[float, float, int]:
+    """(instances per second, CPU seconds per instance, peak RSS) of one round."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-", dir=ROOT) as tmp:
+        port = free_port()
+        process = start_receiver(kind, port, Path(tmp))
+        try:
+            cpu_before = cpu_seconds(process.pid)
+            rate = count / send(port, folders)
+            time.sleep(0.2)  # let storescp --fork reap its children, so their CPU is counted
+            return rate, (cpu_seconds(process.pid) - cpu_before) / count, peak_rss(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def measure(kinds: list[str], folders: list[Path], count: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Each receiver's medians over `rounds`, the rounds alternating between the receivers."""
+    samples: dict[str, list[tuple[float, float, int]]] = {kind: [] for kind in kinds}
     for _ in range(rounds):
-        with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-", dir=ROOT) as tmp:
-            port = free_port()
-            process = start_receiver(kind, port, Path(tmp))
-            try:
-                cpu_before = cpu_seconds(process.pid)
-                rates.append(count / send(port, folders))
-                time.sleep(0.2)  # let storescp --fork reap its children, so their CPU is counted
-                cpu.append((cpu_seconds(process.pid) - cpu_before) / count)
-                rss.append(peak_rss(process.pid))
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
-    return {"rate": statistics.median(rates), "cpu": statistics.median(cpu), "rss": statistics.median(rss)}
+        for kind in kinds:
+            samples[kind].append(measure_once(kind, folders, count))
+    results = {}
+    for kind, rounds_of_kind in samples.items():
+        rates, cpu, rss = zip(*rounds_of_kind)
+        results[kind] = {"rate": statistics.median(rates), "low": min(rates), "high": max(rates),
+                         "cpu": statistics.median(cpu), "rss": statistics.median(rss)}
+    return results
 
 
 def split(folder: Path, parts: int) -> list[Path]:
@@ -201,26 +218,35 @@ def fsync_latency(folder: Path, size: int, count: int) -> float:
         return (time.perf_counter() - started) / count
 
 
-def durable_put_latency(folder: Path, size: int, count: int) -> float:
+def durable_put_latency(folder: Path, size: int, count: int, journal: bool) -> float:
     """Seconds per object the relay's local storage takes to make `size` bytes durable under a new
-    key (temporary file, fdatasync, rename, folder fsync): what every acknowledged instance costs
-    on top of receiving it, on one association."""
+    key: what every acknowledged instance costs on top of receiving it, on one association.
+    Journaled: temporary file, journal record and its fdatasync, rename (the checkpoint runs in
+    the background, as in the relay); classic: temporary file, fdatasync, rename, folder fsync."""
     from relay.storage.local import LocalStorage
 
     data = os.urandom(size)
     with tempfile.TemporaryDirectory(prefix="bench-put-", dir=folder) as tmp:
-        storage = LocalStorage(Path(tmp))
-        started = time.perf_counter()
-        for index in range(count):
-            storage.put(f"series/1.2.3/1.2.4/{index}.dcm", (data,))
-        return (time.perf_counter() - started) / count
+        storage = LocalStorage(Path(tmp), journal=journal)
+        try:
+            started = time.perf_counter()
+            for index in range(count):
+                storage.put(f"series/1.2.3/1.2.4/{index}.dcm", (data,))
+            return (time.perf_counter() - started) / count
+        finally:
+            storage.close()
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver and workload (median)")
     parser.add_argument("--data", type=Path, default=ROOT / "benchmark-data", help="where the test files are kept")
-    parser.add_argument("--receivers", default="storescp,storescp-fork,bare-pynetdicom,isdr-run,isdr-scp")
+    parser.add_argument("--receivers",
+                        default="storescp,storescp-fork,bare-pynetdicom,isdr-run,isdr-run-classic,isdr-scp")
     parser.add_argument("--associations", default="1,4", help="association counts to measure")
     parser.add_argument("--workloads", default="ct,small", help="ct, small or both")
     args = parser.parse_args()
@@ -230,33 +256,34 @@ def main() -> int:
     receivers = args.receivers.split(",")
     workloads = {name: value for name, value in prepare(args.data).items()
                  if ("ct" if "CT" in name else "small") in args.workloads.split(",")}
-    put_seconds = {"300 CT 512x512": durable_put_latency(ROOT, 525_000, 100),
-                   "2000 small": durable_put_latency(ROOT, 9_000, 200)}
+    put_seconds = {name: {journal: durable_put_latency(ROOT, size, count, journal) for journal in (True, False)}
+                   for name, size, count in (("300 CT 512x512", 525_000, 100), ("2000 small", 9_000, 200))}
     print(f"disk under {ROOT}: create+write+fsync of a 513 KB file {fsync_latency(ROOT, 525_000, 100) * 1000:.2f} ms, "
-          f"of a 9 KB file {fsync_latency(ROOT, 9_000, 200) * 1000:.2f} ms; the relay's durable put (fdatasync, "
-          f"rename, folder fsync) {put_seconds['300 CT 512x512'] * 1000:.2f} ms and "
-          f"{put_seconds['2000 small'] * 1000:.2f} ms")
-    print(f"{'workload':<16} {'assoc':>5} {'receiver':<16} {'inst/s':>8} {'ratio':>6} {'CPU ms/inst':>11} "
-          f"{'peak RSS MiB':>12}")
+          f"of a 9 KB file {fsync_latency(ROOT, 9_000, 200) * 1000:.2f} ms")
+    for name, seconds in put_seconds.items():
+        print(f"the relay's durable put, {name} instance: journaled {seconds[True] * 1000:.2f} ms, classic "
+              f"(fdatasync, rename, folder fsync) {seconds[False] * 1000:.2f} ms")
+    print(f"{'workload':<16} {'assoc':>5} {'receiver':<16} {'inst/s':>8} {'range':>11} {'ratio':>6} "
+          f"{'CPU ms/inst':>11} {'peak RSS MiB':>12}")
     for name, (folder, count) in workloads.items():
         for associations in (int(a) for a in args.associations.split(",")):
+            print(f"load average {load_average()}", flush=True)
             folders = split(folder, associations)
             reference_kind = "storescp" if associations == 1 else "storescp-fork"
-            reference = None
-            for kind in receivers:
-                if kind in ("storescp", "storescp-fork") and kind != reference_kind:
-                    continue
-                result = measure(kind, folders, count, args.rounds)
-                if kind == reference_kind:
-                    reference = result["rate"]
+            kinds = [kind for kind in receivers if kind not in ("storescp", "storescp-fork") or kind == reference_kind]
+            results = measure(kinds, folders, count, args.rounds)
+            reference = results[reference_kind]["rate"] if reference_kind in results else None
+            for kind in kinds:
+                result = results[kind]
                 ratio = f"{result['rate'] / reference:.2f}" if reference else "-"
-                print(f"{name:<16} {associations:>5} {kind:<16} {result['rate']:8.1f} {ratio:>6} "
+                spread = f"{result['low']:.0f}-{result['high']:.0f}"
+                print(f"{name:<16} {associations:>5} {kind:<16} {result['rate']:8.1f} {spread:>11} {ratio:>6} "
                       f"{result['cpu'] * 1000:11.2f} {result['rss'] / 2**20:12.0f}", flush=True)
                 if kind == reference_kind and associations == 1:
                     # The reference's time per instance plus one durable put, with nothing else:
                     # the most that any receiver that is durable per instance can do here.
-                    ceiling = 1 / (1 / reference + put_seconds[name])
-                    print(f"{name:<16} {associations:>5} {'(fsync ceiling)':<16} {ceiling:8.1f} "
+                    ceiling = 1 / (1 / reference + put_seconds[name][True])
+                    print(f"{name:<16} {associations:>5} {'(fsync ceiling)':<16} {ceiling:8.1f} {'':>11} "
                           f"{ceiling / reference:6.2f}", flush=True)
     return 0
 

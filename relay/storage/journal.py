@@ -25,9 +25,9 @@ by the next process that opens the storage with a journal:
 
 Records are written in two alternating slot files; each slot has a header with an epoch number
 and the boot id, written and fdatasynced when the slot is recycled, so records left over from
-an earlier use of the slot (a different epoch) are never replayed. An upload whose records would
-span a slot switch, or that does not fit in the slot, falls back to the classic path (fdatasync
-of its file, rename, folder fsync), so nothing waits for the checkpoint.
+an earlier use of the slot (a different epoch) are never replayed. An upload larger than
+UPLOAD_LIMIT, or whose records would span a slot switch or not fit in the slot, falls back to the
+classic path (fdatasync of its file, rename, folder fsync), so nothing waits for the checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ FOLDER_NAME = ".tmp-journal"  # under the storage root; listings and temporary-f
 # fit in what is left takes the classic path.
 SLOT_BYTES = 16 * 1024 * 1024
 CHECKPOINT_INTERVAL = 0.5  # seconds from a slot's first commit to its checkpoint
+# Uploads larger than this take the classic path: for them the fdatasync of their own file is
+# mostly the disk writing their bytes, which the journal would only double (measured: no faster
+# from ~160 KB on, and a third more CPU for a 513 KB CT image).
+UPLOAD_LIMIT = 256 * 1024
 _ZEROS = bytes(1024 * 1024)
 _HEADER = struct.Struct("<8sQ40s")  # magic, epoch, boot id
 _HEADER_MAGIC = b"ISDRJNL1"
@@ -72,10 +76,11 @@ def boot_id() -> str:
 class Entry:
     """One upload's place in the journal (valid while its slot keeps the epoch it began in)."""
 
-    __slots__ = ("slot", "epoch", "upload_id", "valid")
+    __slots__ = ("slot", "epoch", "upload_id", "valid", "size")
 
     def __init__(self, slot: "_Slot", epoch: int, upload_id: int):
         self.slot, self.epoch, self.upload_id, self.valid = slot, epoch, upload_id, True
+        self.size = 0
 
 
 class _Slot:
@@ -128,6 +133,9 @@ class Journal:
 
     def append(self, entry: Entry, data) -> bool:
         """Journal one fragment of the upload; False: the upload must take the classic path."""
+        entry.size += len(data)
+        if entry.size > UPLOAD_LIMIT:
+            entry.valid = False
         return self._write(entry, FRAGMENT, data, None) if entry.valid else False
 
     def commit(self, entry: Entry, key: str, path: Path, place: Callable[[], None]) -> bool:

@@ -145,8 +145,9 @@ def test_an_upload_that_spans_a_checkpoint_is_committed_the_classic_way(tmp_path
     classic = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: classic.append(fd) or real(fd))
+    journal_fds = {slot.fd for slot in storage.journal._slots}
     upload.commit(KEYS[0])
-    assert classic, "its own file was fdatasynced"
+    assert classic and not journal_fds & set(classic), "its own file was fdatasynced, not the journal"
     assert storage.get(KEYS[0]) == b"first half second half"
     storage.close()
 
@@ -158,3 +159,19 @@ def test_an_upload_larger_than_what_is_left_of_the_slot_is_committed_the_classic
     assert not journal.append(entry, bytes(64 * 1024)), "does not fit: the upload goes the classic way"
     assert not journal.commit(entry, "k", tmp_path / "k", lambda: pytest.fail("never placed"))
     journal.close()
+
+
+def test_a_large_upload_is_committed_the_classic_way(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path, journal=True)
+    upload = storage.open_upload()
+    chunk = bytes(range(256)) * 512
+    for _ in range(journal_module.UPLOAD_LIMIT // len(chunk) + 1):
+        upload.write(chunk)
+    classic = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: classic.append(fd) or real(fd))
+    journal_fds = {slot.fd for slot in storage.journal._slots}
+    upload.commit(KEYS[0])
+    assert classic and not journal_fds & set(classic), "its own file was fdatasynced, not the journal"
+    assert storage.get(KEYS[0]) == chunk * (journal_module.UPLOAD_LIMIT // len(chunk) + 1)
+    storage.close()
