@@ -23,6 +23,9 @@ _LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b
 _TOP, _ITEM, _SEQUENCE = 0, 1, 2  # what the walker is inside of
 MAX_DEPTH = 128  # sequences within sequences; real objects stay far below this
 CAPTURE_LIMIT = 1024  # longest value kept; UIDs are 64, descriptions 64 characters
+# Compiled once: (tag group and element, 32-bit length, 16-bit length) per byte order.
+_LITTLE = (struct.Struct("<HH"), struct.Struct("<I"), struct.Struct("<H"))
+_BIG = (struct.Struct(">HH"), struct.Struct(">I"), struct.Struct(">H"))
 _INFLATE_CHUNK = 256 * 1024
 
 
@@ -108,10 +111,11 @@ class DatasetWalker:
         if end - position < 8:
             return None
         kind, implicit, little = self._stack[-1]
-        group, element = struct.unpack_from("<HH" if little else ">HH", buffer, position)
+        tag_struct, long_length, short_length = _LITTLE if little else _BIG
+        group, element = tag_struct.unpack_from(buffer, position)
         tag = group << 16 | element
         if group == 0xFFFE:
-            (length,) = struct.unpack_from("<I" if little else ">I", buffer, position + 4)
+            (length,) = long_length.unpack_from(buffer, position + 4)
             self._delimiter(kind, implicit, little, tag, length)
             return position + 8
         if kind == _SEQUENCE:
@@ -119,17 +123,17 @@ class DatasetWalker:
                                      "a sequence item was expected")
         if implicit:
             vr = b""
-            (length,) = struct.unpack_from("<I" if little else ">I", buffer, position + 4)
+            (length,) = long_length.unpack_from(buffer, position + 4)
             position += 8
         else:
             vr = bytes(buffer[position + 4:position + 6])
             if vr in _LONG_LENGTH_VRS:
                 if end - position < 12:
                     return None
-                (length,) = struct.unpack_from("<I" if little else ">I", buffer, position + 8)
+                (length,) = long_length.unpack_from(buffer, position + 8)
                 position += 12
             elif vr.isalpha() and vr.isupper():
-                (length,) = struct.unpack_from("<H" if little else ">H", buffer, position + 6)
+                (length,) = short_length.unpack_from(buffer, position + 6)
                 position += 8
             else:
                 raise UndecodableDataset(

@@ -6,8 +6,9 @@ commits the file system's metadata journal (the file's blocks, size, directory e
 folder fsync commits it again; on the disks measured for this relay those two cost 1-1.3 ms per
 instance, more than receiving it. Overwriting blocks of a file that already has them needs no
 metadata at all, so its fdatasync only flushes data: 0.1-0.4 ms. So each upload's bytes are
-written twice: to its temporary file (renamed to its key, as before) and to the journal; the
-journal is fdatasynced before the rename, and the sender is answered after the rename. A
+written twice: to its temporary file (renamed to its key, as before) and, as one record with its
+key, to the journal; the journal is fdatasynced before the rename, and the sender is answered
+after the rename. A
 checkpoint thread later fsyncs the files and folders the journal covers, in one batch, and only
 then lets the journal be overwritten. At every moment an acknowledged instance is either
 fsynced in its place or in a journal record that is fdatasynced and not yet overwritten.
@@ -25,9 +26,11 @@ by the next process that opens the storage with a journal:
 
 Records are written in two alternating slot files; each slot has a header with an epoch number
 and the boot id, written and fdatasynced when the slot is recycled, so records left over from
-an earlier use of the slot (a different epoch) are never replayed. An upload larger than
-UPLOAD_LIMIT, or whose records would span a slot switch or not fit in the slot, falls back to the
-classic path (fdatasync of its file, rename, folder fsync), so nothing waits for the checkpoint.
+an earlier use of the slot (a different epoch) are never replayed; a record's CRC covers its
+key and bytes, so one cut short by the crash (never acknowledged) ends the replay. An upload
+larger than UPLOAD_LIMIT (kept in memory until its commit), or that does not fit in what is left
+of the slot, takes the classic path (fdatasync of its file, rename, folder fsync), so nothing
+waits for a checkpoint.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import uuid
 import zlib
 from itertools import count
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 log = logging.getLogger("relay.storage")
 
@@ -54,15 +57,15 @@ SLOT_BYTES = 16 * 1024 * 1024
 CHECKPOINT_INTERVAL = 0.5  # seconds from a slot's first commit to its checkpoint
 # Uploads larger than this take the classic path: for them the fdatasync of their own file is
 # mostly the disk writing their bytes, which the journal would only double (measured: no faster
-# from ~160 KB on, and a third more CPU for a 513 KB CT image).
+# from ~160 KB on, and a third more CPU for a 513 KB CT image). Smaller ones are held in memory
+# until their commit writes them in one piece.
 UPLOAD_LIMIT = 256 * 1024
 _ZEROS = bytes(1024 * 1024)
 _HEADER = struct.Struct("<8sQ40s")  # magic, epoch, boot id
 _HEADER_MAGIC = b"ISDRJNL1"
 HEADER_SIZE = 4096
-_RECORD = struct.Struct("<4sQQBxxxII")  # magic, epoch, upload id, kind, payload length, crc32 of payload
-_RECORD_MAGIC = b"ISJR"
-FRAGMENT, COMMIT = 1, 2
+_RECORD = struct.Struct("<4sQHxxII")  # magic, epoch, key length, data length, crc32 of key and data
+_RECORD_MAGIC = b"ISJ2"
 
 
 def boot_id() -> str:
@@ -71,16 +74,6 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-class Entry:
-    """One upload's place in the journal (valid while its slot keeps the epoch it began in)."""
-
-    __slots__ = ("slot", "epoch", "upload_id", "valid", "size")
-
-    def __init__(self, slot: "_Slot", epoch: int, upload_id: int):
-        self.slot, self.epoch, self.upload_id, self.valid = slot, epoch, upload_id, True
-        self.size = 0
 
 
 class _Slot:
@@ -115,7 +108,6 @@ class Journal:
             self._prepare(slot)  # its fdatasync also makes the zeros durable
         fsync_dir(folder)
         self._active = self._slots[0]
-        self._ids = count(1)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopping = False
@@ -125,53 +117,36 @@ class Journal:
 
     # --- the writers' side ----------------------------------------------------------------
 
-    def begin(self) -> Entry | None:
+    def commit(self, key: str, data: bytes | bytearray, path: Path, place: Callable[[], None]) -> bool:
+        """Journal the upload (its key and bytes), fdatasync the journal, then `place` the file
+        (its rename to `path`). False, with nothing placed: the upload must take the classic path."""
+        if len(data) > UPLOAD_LIMIT:
+            return False
+        name = key.encode()
+        crc = zlib.crc32(data, zlib.crc32(name))
+        size = _RECORD.size + len(name) + len(data)
         with self._lock:
-            if self._stopping:
-                return None
-            return Entry(self._active, self._active.epoch, next(self._ids))
-
-    def append(self, entry: Entry, data) -> bool:
-        """Journal one fragment of the upload; False: the upload must take the classic path."""
-        entry.size += len(data)
-        if entry.size > UPLOAD_LIMIT:
-            entry.valid = False
-        return self._write(entry, FRAGMENT, data, None) if entry.valid else False
-
-    def commit(self, entry: Entry, key: str, path: Path, place: Callable[[], None]) -> bool:
-        """Journal the upload's key, fdatasync the journal, then `place` the file (its rename).
-        False (nothing placed): the upload must take the classic path."""
-        return self._write(entry, COMMIT, key.encode(), (path, place)) if entry.valid else False
-
-    def _write(self, entry: Entry, kind: int, data, commit) -> bool:
-        slot = entry.slot
-        header = _RECORD.pack(_RECORD_MAGIC, entry.epoch, entry.upload_id, kind, len(data), zlib.crc32(data))
-        with self._lock:
-            if (slot is not self._active or slot.epoch != entry.epoch
-                    or slot.end + len(header) + len(data) > self.slot_bytes):
-                entry.valid = False
+            slot = self._active
+            if self._stopping or slot.end + size > self.slot_bytes:
                 return False
-            offset = slot.end
-            slot.end += len(header) + len(data)
+            offset, epoch = slot.end, slot.epoch
+            slot.end += size
             slot.inflight += 1
-            if commit is not None:
-                if not slot.committed:
-                    slot.first_commit = time.monotonic()
-                    self._changed.notify_all()
-                slot.committed.append(commit[0])
+            if not slot.committed:
+                slot.first_commit = time.monotonic()
+                self._changed.notify_all()
+            slot.committed.append(path)
+        header = _RECORD.pack(_RECORD_MAGIC, epoch, len(name), len(data), crc)
         try:
             try:
-                written = os.pwritev(slot.fd, [header, data], offset)
-                if written != len(header) + len(data):
-                    raise OSError(f"short write to the journal ({written} bytes)")
-                if commit is not None:
-                    self._sync(slot)
+                written = os.pwritev(slot.fd, [header, name, data], offset)
+                if written != size:
+                    raise OSError(f"short write to the journal ({written} of {size} bytes)")
+                self._sync(slot)
             except OSError as exc:
                 log.warning("storage journal %s: %s; this upload is made durable on its own", slot.path, exc)
-                entry.valid = False
                 return False
-            if commit is not None:
-                commit[1]()
+            place()
             return True
         finally:
             with self._lock:
@@ -216,7 +191,7 @@ class Journal:
 
     def checkpoint(self) -> None:
         """Switch writers to the other slot, make what the old one covers durable in place, and
-        recycle it. Uploads still writing into the old slot fall back to the classic path."""
+        recycle it."""
         with self._lock:
             old = self._active
             self._active = self._slots[1] if old is self._slots[0] else self._slots[0]
@@ -264,7 +239,7 @@ class Journal:
 
 # --- recovery ---------------------------------------------------------------------------------
 
-def recover(folder: Path, rewrite: Callable[[str, Iterator[bytes]], None], key_path: Callable[[str], Path]) -> int:
+def recover(folder: Path, rewrite: Callable[[str, tuple[bytes]], None], key_path: Callable[[str], Path]) -> int:
     """Replay the journals of processes that died (their lock is free); returns how many
     committed uploads were made durable. `rewrite(key, chunks)` is a classic durable put."""
     if not folder.is_dir():
@@ -300,7 +275,6 @@ def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
         if magic != _HEADER_MAGIC:
             return 0
         same_boot = bool(current_boot) and boot.rstrip(b"\x00").decode(errors="replace") == current_boot
-        fragments: dict[int, list[tuple[int, int]]] = {}
         replayed = 0
         offset = HEADER_SIZE
         folders = set()
@@ -309,26 +283,22 @@ def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
             raw = slot.read(_RECORD.size)
             if len(raw) < _RECORD.size:
                 break
-            magic, record_epoch, upload_id, kind, length, crc = _RECORD.unpack(raw)
+            magic, record_epoch, key_length, length, crc = _RECORD.unpack(raw)
             if magic != _RECORD_MAGIC or record_epoch != epoch:
                 break
-            payload = slot.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                break  # the record being written when the process died: never acknowledged
-            if kind == FRAGMENT:
-                fragments.setdefault(upload_id, []).append((offset + _RECORD.size, length))
-            elif kind == COMMIT:
-                key = payload.decode()
-                parts = fragments.pop(upload_id, [])
-                if same_boot:
-                    path = key_path(key)
-                    if _fsync_path(path):
-                        folders.add(path.parent)
-                        replayed += 1
-                else:
-                    rewrite(key, _read_parts(slot_path, parts))
+            name, data = slot.read(key_length), slot.read(length)
+            if len(data) < length or zlib.crc32(data, zlib.crc32(name)) != crc:
+                break  # the record being written when the machine stopped: never acknowledged
+            key = name.decode()
+            if same_boot:
+                path = key_path(key)
+                if _fsync_path(path):
+                    folders.add(path.parent)
                     replayed += 1
-            offset += _RECORD.size + length
+            else:
+                rewrite(key, (data,))
+                replayed += 1
+            offset += _RECORD.size + key_length + length
         for folder in folders:
             fsync_dir(folder)
         if replayed:
@@ -336,13 +306,6 @@ def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
                         slot_path.name, replayed, "fsynced in place" if same_boot else "written back after a restart "
                         "of the machine")
         return replayed
-
-
-def _read_parts(slot_path: Path, parts: list[tuple[int, int]]) -> Iterator[bytes]:
-    with open(slot_path, "rb") as slot:
-        for offset, length in parts:
-            slot.seek(offset)
-            yield slot.read(length)
 
 
 def _fsync_path(path: Path) -> bool:

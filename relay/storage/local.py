@@ -238,14 +238,16 @@ class LocalStorage(Storage):
 class LocalUpload(Upload):
     """A temporary file in the storage root, renamed to its key once complete (same file system,
     so the rename is atomic); `clean_temporary_files` removes what a crash left behind. With a
-    journal, every fragment is journaled too, and the commit is the journal's."""
+    journal, the bytes of an upload up to journal.UPLOAD_LIMIT are kept in memory and written at
+    the commit, to the file in one piece and to the journal as one record."""
 
     def __init__(self, storage: LocalStorage, created: tuple[Path, int] | None = None):
         """`created`: a temporary file made ahead (its path and descriptor), else one is made."""
         self._storage = storage
         self._unchecked = 0  # bytes written since free space was last checked
-        self._journal = storage.journal  # None: this upload is committed the classic way
-        self._entry = None  # taken at the first write: a spare upload may wait a while for it
+        self._journal = storage.journal
+        # What the journal will take at the commit; None: the upload is committed the classic way.
+        self._held: bytearray | None = bytearray() if self._journal is not None else None
         self._tmp: Path | None
         self._tmp, self._fd = created or _create_temporary(storage.root)
 
@@ -259,26 +261,33 @@ class LocalUpload(Upload):
             except StorageFull:
                 self.discard()
                 raise
+        if self._held is not None:
+            if len(self._held) + len(view) <= journal_module.UPLOAD_LIMIT:
+                self._held += view
+                return
+            held, self._held = self._held, None  # too large for the journal: to the file from now on
+            self._write(held)
+        self._write(view)
+
+    def _write(self, data) -> None:
+        view = memoryview(data)
         try:
-            data = view
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
             self.discard()
             raise _storage_error(exc, "could not write") from exc
-        if self._journal is not None:
-            if self._entry is None:
-                self._entry = self._journal.begin()
-            if self._entry is None or not self._journal.append(self._entry, data):
-                self._journal = None
 
     def commit(self, key: str) -> None:
         if self._tmp is None:
             raise StorageError(f"upload for {key} was discarded")
+        held, self._held = self._held, None
+        if held is not None:
+            self._write(held)
         try:
-            if self._journal is not None and self._entry is not None:
+            if held is not None and self._journal is not None:
                 tmp, path = self._tmp, self._storage._target(key)
-                if self._journal.commit(self._entry, key, path, lambda: self._storage._rename(tmp, path)):
+                if self._journal.commit(key, held, path, lambda: self._storage._rename(tmp, path)):
                     self._tmp = None
                     os.close(self._fd)
                     self._fd = -1
@@ -293,6 +302,7 @@ class LocalUpload(Upload):
             raise _storage_error(exc, f"could not write {key}") from exc
 
     def discard(self) -> None:
+        self._held = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

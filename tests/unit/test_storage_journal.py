@@ -41,7 +41,7 @@ def put_in_a_process_that_dies(root: Path, keys: list[str], checkpoint_first: bo
                 storage.journal.checkpoint()
         if {cut_last_record!r}:
             slot = storage.journal._active
-            os.pwrite(slot.fd, b"\\xff" * 8, slot.end - 8)  # the last record's key, cut short
+            os.pwrite(slot.fd, b"\\xff" * 8, slot.end - 8)  # the last record, cut short
         os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
@@ -135,29 +135,10 @@ def test_the_journal_of_a_running_process_is_left_alone(tmp_path):
     running.close()
 
 
-def test_an_upload_that_spans_a_checkpoint_is_committed_the_classic_way(tmp_path, monkeypatch):
-    storage = LocalStorage(tmp_path, journal=True)
-    storage.journal.interval = 3600
-    upload = storage.open_upload()
-    upload.write(b"first half ")
-    storage.journal.checkpoint()
-    upload.write(b"second half")
-    classic = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: classic.append(fd) or real(fd))
-    journal_fds = {slot.fd for slot in storage.journal._slots}
-    upload.commit(KEYS[0])
-    assert classic and not journal_fds & set(classic), "its own file was fdatasynced, not the journal"
-    assert storage.get(KEYS[0]) == b"first half second half"
-    storage.close()
-
-
-def test_an_upload_larger_than_what_is_left_of_the_slot_is_committed_the_classic_way(tmp_path):
+def test_an_upload_that_does_not_fit_in_the_slot_is_committed_the_classic_way(tmp_path):
     journal = Journal(tmp_path / "journal", slot_bytes=64 * 1024, interval=3600)
-    entry = journal.begin()
-    assert journal.append(entry, bytes(16 * 1024))
-    assert not journal.append(entry, bytes(64 * 1024)), "does not fit: the upload goes the classic way"
-    assert not journal.commit(entry, "k", tmp_path / "k", lambda: pytest.fail("never placed"))
+    assert journal.commit("a", bytes(30 * 1024), tmp_path / "a", lambda: None)
+    assert not journal.commit("b", bytes(64 * 1024), tmp_path / "b", lambda: pytest.fail("never placed"))
     journal.close()
 
 
