@@ -8,10 +8,11 @@ instance, more than receiving it. Overwriting blocks of a file that already has 
 metadata at all, so its fdatasync only flushes data: 0.1-0.4 ms. So each upload's bytes are
 written twice: to its temporary file (renamed to its key, as before) and, as one record with its
 key, to the journal; the journal is fdatasynced before the rename, and the sender is answered
-after the rename. A
-checkpoint thread later fsyncs the files and folders the journal covers, in one batch, and only
-then lets the journal be overwritten. At every moment an acknowledged instance is either
-fsynced in its place or in a journal record that is fdatasynced and not yet overwritten.
+after the rename. A checkpoint thread later makes the files and folders the journal covers
+durable in place, with one syncfs(2) of the file system (one metadata commit for them all;
+where syncfs is missing, an fsync of each file and folder), and only then lets the journal be
+overwritten. At every moment an acknowledged instance is either durable in its place or in a
+journal record that is fdatasynced and not yet overwritten.
 
 After a crash, the journal of the process that died (its lock file no longer locked) is read
 by the next process that opens the storage with a journal:
@@ -35,6 +36,7 @@ waits for a checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -107,6 +109,8 @@ class Journal:
         for slot in self._slots:
             self._prepare(slot)  # its fdatasync also makes the zeros durable
         fsync_dir(folder)
+        # Open for the journal's life: syncfs reports write-back errors since its descriptor opened.
+        self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         self._active = self._slots[0]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -199,12 +203,13 @@ class Journal:
                 self._changed.wait()
             committed, old.committed = old.committed, []
         try:
-            folders = set()
-            for path in dict.fromkeys(committed):
-                if _fsync_path(path):
-                    folders.add(path.parent)
-            for folder in folders:
-                fsync_dir(folder)
+            if committed and not (USE_SYNCFS and _syncfs(self._folder_fd)):
+                folders = set()
+                for path in dict.fromkeys(committed):
+                    if _fsync_path(path):
+                        folders.add(path.parent)
+                for folder in folders:
+                    fsync_dir(folder)
         except OSError:
             with self._lock:
                 old.committed[:0] = committed
@@ -234,6 +239,7 @@ class Journal:
             os.close(slot.fd)
             slot.path.unlink(missing_ok=True)
         (self.folder / f"{self._slots[0].path.stem}.lock").unlink(missing_ok=True)
+        os.close(self._folder_fd)
         os.close(self._lock_fd)
 
 
@@ -306,6 +312,29 @@ def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
                         slot_path.name, replayed, "fsynced in place" if same_boot else "written back after a restart "
                         "of the machine")
         return replayed
+
+
+USE_SYNCFS = True
+_LIBC = None
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) of the file system holding the open folder `fd`: every file and folder on it
+    made durable with one metadata commit, and a failure to write back any of them since `fd`
+    was opened reported (False: not available here, fsync each file)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.syncfs.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    if _LIBC.syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"syncfs: {os.strerror(error)}")
+    return True
 
 
 def _fsync_path(path: Path) -> bool:

@@ -61,16 +61,20 @@ def test_a_journaled_put_is_in_place_when_it_returns_and_a_close_leaves_no_journ
     assert journal_files(tmp_path) == []
 
 
-def test_a_checkpoint_fsyncs_what_the_slot_covers_and_recycles_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("syncfs", [True, False], ids=["one syncfs", "fsync of each file"])
+def test_a_checkpoint_makes_what_the_slot_covers_durable_and_recycles_it(tmp_path, monkeypatch, syncfs):
     synced = []
+    monkeypatch.setattr(journal_module, "USE_SYNCFS", syncfs)
     monkeypatch.setattr(journal_module, "_fsync_path", lambda path: synced.append(path.name) or True)
+    real_syncfs = journal_module._syncfs
+    monkeypatch.setattr(journal_module, "_syncfs", lambda fd: synced.append("syncfs") or real_syncfs(fd))
     storage = LocalStorage(tmp_path, journal=True)
     storage.journal.interval = 3600
     storage.put(KEYS[0], (content(0),))
     storage.put(KEYS[1], (content(1),))
     epoch = storage.journal._active.epoch
     storage.journal.checkpoint()
-    assert synced == ["1.0.dcm", "1.1.dcm"]
+    assert synced == (["syncfs"] if syncfs else ["1.0.dcm", "1.1.dcm"])
     assert storage.journal._slots[0].epoch != epoch, "the slot gets a new epoch: its records are void"
     storage.close()
 
@@ -155,4 +159,22 @@ def test_a_large_upload_is_committed_the_classic_way(tmp_path, monkeypatch):
     upload.commit(KEYS[0])
     assert classic and not journal_fds & set(classic), "its own file was fdatasynced, not the journal"
     assert storage.get(KEYS[0]) == chunk * (journal_module.UPLOAD_LIMIT // len(chunk) + 1)
+    storage.close()
+
+
+def test_a_checkpoint_that_fails_keeps_the_records_for_the_next_one(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path, journal=True)
+    storage.journal.interval = 3600
+    storage.put(KEYS[0], (content(0),))
+    slot = storage.journal._active
+    epoch = slot.epoch
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module, "_syncfs", failing)
+    with pytest.raises(OSError):
+        storage.journal.checkpoint()
+    assert slot.epoch == epoch and slot.committed == [tmp_path / KEYS[0]], "not recycled: still replayable"
+    monkeypatch.undo()
     storage.close()
