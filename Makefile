@@ -10,7 +10,7 @@ K8S_ASSETS_SCRIPT := hack/k8s/ensure-binaries.sh
 ## setup: install everything the relay and its tests need (dcmtk, the Python environment, Kubernetes binaries)
 setup: system-deps python-deps k8s-binaries
 
-## system-deps: Debian packages the tests use (dcmtk, Orthanc, nginx as real peers; dicom3tools' dciodvfy; buildah and mmdebstrap for the image)
+## system-deps: Debian packages the tests use (dcmtk, Orthanc, GDCM's gdcmscu, nginx as real peers; dicom3tools' dciodvfy; buildah and mmdebstrap for the image)
 system-deps:
 	@bash scripts/install-system-deps.sh
 

@@ -3,6 +3,7 @@
 #   dcmtk                storescu / storescp / echoscu: the real DICOM peers (with TLS)
 #   orthanc              Orthanc, a real PACS: a destination and a sender in the integration tests
 #   nginx                the reverse proxy that stands in front of an InferenceServer in the field
+#   libgdcm-tools        GDCM's gdcmscu: another real sender (C-ECHO, C-STORE) in the integration tests
 #   dicom3tools          dciodvfy, which validates the objects the emulator's models produce
 #   buildah, mmdebstrap  hack/image/build.sh builds the product image from the Dockerfile without
 #                        a Docker engine; mmdebstrap makes its Python base image from Debian packages
@@ -17,6 +18,7 @@ command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v gdcmscu >/dev/null 2>&1 || need+=(libgdcm-tools)
 need_lean=()
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_lean+=(prometheus)
 if [ ${#need[@]} -eq 0 ] && [ ${#need_lean[@]} -eq 0 ]; then
