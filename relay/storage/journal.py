@@ -101,8 +101,14 @@ class Journal:
         self.interval = interval
         folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
-        self._lock_fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o640)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # released by the kernel when this process dies
+        lock_path = folder / f"{name}.lock"
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # released by the kernel when this process dies
+        except OSError:
+            os.close(self._lock_fd)
+            lock_path.unlink()
+            raise
         self._boot = boot_id()
         self._epochs = count(int(time.time() * 1000) << 8)
         self._slots = [_Slot(folder / f"{name}.{index}", slot_bytes) for index in (0, 1)]

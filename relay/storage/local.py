@@ -52,9 +52,13 @@ class LocalStorage(Storage):
             folder = self.root / journal_module.FOLDER_NAME
             try:
                 journal_module.recover(folder, self.put, self._path)
+            except OSError as exc:  # what the dead journal holds must be durable before anything else
+                raise _storage_error(exc, f"could not replay the storage journal in {folder}") from exc
+            try:
                 self.journal = Journal(folder)
-            except OSError as exc:
-                raise _storage_error(exc, f"could not open the storage journal in {folder}") from exc
+            except OSError as exc:  # e.g. a network file system without locks: the classic way is as safe
+                log.warning("no storage journal in %s (%s): each instance is fsynced with its folder instead",
+                            folder, exc)
             self._ready_files = _ReadyFiles(self.root)
 
     def close(self) -> None:

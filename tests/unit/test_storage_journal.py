@@ -178,3 +178,16 @@ def test_a_checkpoint_that_fails_keeps_the_records_for_the_next_one(tmp_path, mo
     assert slot.epoch == epoch and slot.committed == [tmp_path / KEYS[0]], "not recycled: still replayable"
     monkeypatch.undo()
     storage.close()
+
+
+def test_where_the_journal_cannot_be_locked_uploads_are_committed_the_classic_way(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(journal_module.fcntl, "flock", no_locks)
+    storage = LocalStorage(tmp_path, journal=True)
+    assert storage.journal is None
+    storage.put(KEYS[0], (content(0),))
+    assert storage.get(KEYS[0]) == content(0)
+    storage.close()
+    assert journal_files(tmp_path) == [], "nothing left that a later start would try to replay"
