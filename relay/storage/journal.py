@@ -161,7 +161,7 @@ class Journal:
         finally:
             with self._lock:
                 slot.inflight -= 1
-                if not slot.inflight:
+                if not slot.inflight and slot is not self._active:  # a checkpoint waits for it
                     self._changed.notify_all()
 
     def _sync(self, slot: _Slot) -> None:

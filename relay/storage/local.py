@@ -331,7 +331,7 @@ class _ReadyFiles:
     """Temporary files created ahead by a thread of their own, so that creating a file (as long
     as receiving a small instance) overlaps the association's own work; `take` never waits."""
 
-    KEEP = 2
+    KEEP = 8  # refilled once half are taken: one wake-up of the thread for several files
 
     def __init__(self, root: Path):
         self._root = root
@@ -347,7 +347,8 @@ class _ReadyFiles:
             if not self._ready:
                 return None
             created = self._ready.pop()
-            self._changed.notify()
+            if len(self._ready) == self.KEEP // 2:
+                self._changed.notify()
             return created
 
     def _fill_forever(self) -> None:
