@@ -265,17 +265,21 @@ def recover(folder: Path, rewrite: Callable[[str, tuple[bytes]], None], key_path
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live process's journal
-            name = lock_path.stem
-            for index in (0, 1):
-                slot_path = folder / f"{name}.{index}"
-                if slot_path.exists():
-                    recovered += _replay(slot_path, current_boot, rewrite, key_path)
-                    slot_path.unlink()
+            slots = [path for path in (folder / f"{lock_path.stem}.{index}" for index in (0, 1)) if path.exists()]
+            for slot_path in sorted(slots, key=_epoch_of):  # the older slot's records first
+                recovered += _replay(slot_path, current_boot, rewrite, key_path)
+                slot_path.unlink()
             lock_path.unlink()
         finally:
             os.close(fd)
     fsync_dir(folder)
     return recovered
+
+
+def _epoch_of(slot_path: Path) -> int:
+    with open(slot_path, "rb") as slot:
+        head = slot.read(_HEADER.size)
+    return _HEADER.unpack(head)[1] if len(head) == _HEADER.size else 0
 
 
 def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:

@@ -191,3 +191,26 @@ def test_where_the_journal_cannot_be_locked_uploads_are_committed_the_classic_wa
     assert storage.get(KEYS[0]) == content(0)
     storage.close()
     assert journal_files(tmp_path) == [], "nothing left that a later start would try to replay"
+
+
+def test_after_a_failed_checkpoint_both_slots_are_replayed_older_first(tmp_path, monkeypatch):
+    """A checkpoint that failed leaves its slot's records live while the other slot takes new
+    ones: after a machine restart the later version of a key is the one that stays, whichever
+    of the two slot files holds it."""
+    storage = LocalStorage(tmp_path, journal=True)
+    journal = storage.journal
+    journal.interval = 3600
+    journal.checkpoint()  # writers go to slot 1, slot 0 gets a newer epoch
+    storage.put(KEYS[0], (b"first version",))
+    monkeypatch.setattr(journal_module, "_syncfs", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        journal.checkpoint()  # slot 1 stays live; writers go back to slot 0
+    monkeypatch.undo()
+    storage.put(KEYS[0], (b"second version",))
+    assert journal._active is journal._slots[0]
+    os.close(journal._lock_fd)  # the process dies: its lock goes with it, its journal stays
+    (tmp_path / KEYS[0]).unlink()  # and the machine loses what was not written back
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "another-boot")
+    recovered = LocalStorage(tmp_path, journal=True)
+    assert recovered.get(KEYS[0]) == b"second version"
+    recovered.close()
