@@ -101,6 +101,7 @@ class Journal:
         self.interval = interval
         folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
+        self.files_folder = folder / f"{name}.files"  # the storage's temporary files made ahead
         lock_path = folder / f"{name}.lock"
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
@@ -114,6 +115,7 @@ class Journal:
         self._slots = [_Slot(folder / f"{name}.{index}", slot_bytes) for index in (0, 1)]
         for slot in self._slots:
             self._prepare(slot)  # its fdatasync also makes the zeros durable
+        self.files_folder.mkdir()
         fsync_dir(folder)
         # Open for the journal's life: syncfs reports write-back errors since its descriptor opened.
         self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -244,6 +246,7 @@ class Journal:
         for slot in self._slots:
             os.close(slot.fd)
             slot.path.unlink(missing_ok=True)
+        _remove_files(self.files_folder)
         (self.folder / f"{self._slots[0].path.stem}.lock").unlink(missing_ok=True)
         os.close(self._folder_fd)
         os.close(self._lock_fd)
@@ -269,11 +272,20 @@ def recover(folder: Path, rewrite: Callable[[str, tuple[bytes]], None], key_path
             for slot_path in sorted(slots, key=_epoch_of):  # the older slot's records first
                 recovered += _replay(slot_path, current_boot, rewrite, key_path)
                 slot_path.unlink()
+            _remove_files(folder / f"{lock_path.stem}.files")
             lock_path.unlink()
         finally:
             os.close(fd)
     fsync_dir(folder)
     return recovered
+
+
+def _remove_files(files_folder: Path) -> None:
+    """Remove the temporary files a journal's storage made ahead (never renamed: never stored)."""
+    if files_folder.is_dir():
+        for path in files_folder.iterdir():
+            path.unlink(missing_ok=True)
+        files_folder.rmdir()
 
 
 def _epoch_of(slot_path: Path) -> int:

@@ -59,7 +59,8 @@ class LocalStorage(Storage):
             except OSError as exc:  # e.g. a network file system without locks: the classic way is as safe
                 log.warning("no storage journal in %s (%s): each instance is fsynced with its folder instead",
                             folder, exc)
-            self._ready_files = _ReadyFiles(self.root)
+            if self.journal is not None:
+                self._ready_files = _ReadyFiles(self.journal.files_folder)
 
     def close(self) -> None:
         """Checkpoint and remove the journal, if any (what a clean stop leaves needs no replay)."""
@@ -230,10 +231,10 @@ class LocalStorage(Storage):
         """Remove temporary files left by a crash in the middle of a put."""
         removed = 0
         for folder, dirs, files in os.walk(self.root):
-            dirs[:] = [name for name in dirs if name != journal_module.FOLDER_NAME]  # live journals
+            # Live journals and their files made ahead (a dead journal's are removed when it is replayed).
+            dirs[:] = [name for name in dirs if name != journal_module.FOLDER_NAME]
             for name in files:
-                if name.startswith(_TMP_PREFIX) and not (
-                        self._ready_files is not None and self._ready_files.owns(Path(folder) / name)):
+                if name.startswith(_TMP_PREFIX):
                     _unlink_quietly(Path(folder) / name)
                     removed += 1
         return removed
@@ -315,12 +316,8 @@ class LocalUpload(Upload):
             self._tmp = None
 
 
-def _temporary_path(root: Path) -> Path:
-    return root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-
-
-def _create_temporary(root: Path, path: Path | None = None) -> tuple[Path, int]:
-    path = path or _temporary_path(root)
+def _create_temporary(folder: Path) -> tuple[Path, int]:
+    path = folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     except OSError as exc:
@@ -329,14 +326,15 @@ def _create_temporary(root: Path, path: Path | None = None) -> tuple[Path, int]:
 
 class _ReadyFiles:
     """Temporary files created ahead by a thread of their own, so that creating a file (as long
-    as receiving a small instance) overlaps the association's own work; `take` never waits."""
+    as receiving a small instance) overlaps the association's own work; `take` never waits. They
+    live in the journal's folder for them (same file system as the storage, so they are renamed
+    into place), which temporary-file cleanup leaves alone and the journal's replay removes."""
 
     KEEP = 8  # refilled once half are taken: one wake-up of the thread for several files
 
     def __init__(self, root: Path):
         self._root = root
         self._ready: list[tuple[Path, int]] = []
-        self._making: Path | None = None
         self._changed = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._fill_forever, name="storage-files", daemon=True)
@@ -358,23 +356,15 @@ class _ReadyFiles:
                     self._changed.wait()
                 if self._stopping:
                     return
-                self._making = _temporary_path(self._root)  # named before it exists: see `owns`
             try:
-                created = _create_temporary(self._root, self._making)
+                created = _create_temporary(self._root)
             except StorageError as exc:  # a full disk, ...: the uploads create their own and say why
                 log.debug("creating a temporary file ahead failed: %s", exc)
                 with self._changed:
-                    self._making = None
                     self._changed.wait(timeout=1.0)
                 continue
             with self._changed:
                 self._ready.append(created)
-                self._making = None
-
-    def owns(self, path: Path) -> bool:
-        """Whether `path` is a file made ahead and not yet taken (temporary-file cleanup spares it)."""
-        with self._changed:
-            return path == self._making or any(path == ready for ready, _fd in self._ready)
 
     def close(self) -> None:
         with self._changed:

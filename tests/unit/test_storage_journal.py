@@ -57,6 +57,8 @@ def test_a_journaled_put_is_in_place_when_it_returns_and_a_close_leaves_no_journ
         storage.put(key, (content(index),))
     assert [storage.get(key) for key in KEYS] == [content(index) for index in range(len(KEYS))]
     assert [info.key for info in storage.list("")] == KEYS, "the journal is not an object"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [FOLDER_NAME, "series"], \
+        "the temporary files made ahead wait in the journal's folder"
     storage.close()
     assert journal_files(tmp_path) == []
 
