@@ -82,15 +82,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> bool:
+    """True once `port` listens; False if the process ended first or nothing listens in time."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
+    return False
 
 
 def dcmtk_env() -> dict:
@@ -119,9 +120,18 @@ def start_receiver(kind: str, port: int, out: Path) -> subprocess.Popen:
         args = [sys.executable, "-m", "relay.cli", "scp", "--drain-timeout", "0", "--flush-timeout", "0"]
     else:
         raise ValueError(kind)
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    wait_for_port(port)
+    log = out / f"{kind}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
+    if not wait_for_port(port, process):
+        process.kill()
+        process.wait()
+        raise ReceiverDidNotStart(f"{kind} did not listen on {port}: {log.read_text(errors='replace')[-1000:]}")
     return process
+
+
+class ReceiverDidNotStart(RuntimeError):
+    pass
 
 
 def send(port: int, folders: list[Path]) -> float:
@@ -155,7 +165,12 @@ def measure_once(kind: str, folders: list[Path], count: int) -> tuple[float, flo
     """(instances per second, CPU seconds per instance, peak RSS) of one round."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-", dir=ROOT) as tmp:
         port = free_port()
-        process = start_receiver(kind, port, Path(tmp))
+        try:
+            process = start_receiver(kind, port, Path(tmp) / "first")
+        except ReceiverDidNotStart as exc:  # e.g. another program took the free port meanwhile
+            print(f"({exc}; trying another port)", file=sys.stderr, flush=True)
+            port = free_port()
+            process = start_receiver(kind, port, Path(tmp) / "second")
         try:
             cpu_before = cpu_seconds(process.pid)
             rate = count / send(port, folders)
