@@ -101,7 +101,8 @@ def dcmtk_env() -> dict:
 def start_receiver(kind: str, port: int, out: Path) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     relay_env = {**os.environ, "SCP_PORT": str(port), "SCP_HOSTNAME": "127.0.0.1", "SCP_AE_TITLE": "BENCH",
-                 "INCOMING_DIR": str(out / "data"), "LOG_LEVEL": "WARNING"}
+                 "INCOMING_DIR": str(out / "data"), "LOG_LEVEL": "WARNING",
+                 "METRICS_PORT": "0", "HEALTH_PORT": "0"}  # no fixed ports: an orphan must not block the tests
     if kind in ("storescp", "storescp-fork"):
         fork = ["--fork"] if kind == "storescp-fork" else []
         args, env = [STORESCP, *fork, "-aet", "BENCH", "--output-directory", str(out), str(port)], dcmtk_env()
