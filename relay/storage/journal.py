@@ -296,44 +296,56 @@ def _epoch_of(slot_path: Path) -> int:
 
 def _replay(slot_path: Path, current_boot: str, rewrite, key_path) -> int:
     with open(slot_path, "rb") as slot:
-        head = slot.read(_HEADER.size)
-        if len(head) < _HEADER.size:
-            return 0
-        magic, epoch, boot = _HEADER.unpack(head)
-        if magic != _HEADER_MAGIC:
-            return 0
-        same_boot = bool(current_boot) and boot.rstrip(b"\x00").decode(errors="replace") == current_boot
-        replayed = 0
-        offset = HEADER_SIZE
-        folders = set()
-        while True:
-            slot.seek(offset)
-            raw = slot.read(_RECORD.size)
-            if len(raw) < _RECORD.size:
-                break
-            magic, record_epoch, key_length, length, crc = _RECORD.unpack(raw)
-            if magic != _RECORD_MAGIC or record_epoch != epoch:
-                break
-            name, data = slot.read(key_length), slot.read(length)
-            if len(data) < length or zlib.crc32(data, zlib.crc32(name)) != crc:
-                break  # the record being written when the machine stopped: never acknowledged
-            key = name.decode()
-            if same_boot:
-                path = key_path(key)
-                if _fsync_path(path):
-                    folders.add(path.parent)
-                    replayed += 1
-            else:
-                rewrite(key, (data,))
+        journal = slot.read()
+    if len(journal) < _HEADER.size:
+        return 0
+    magic, epoch, boot = _HEADER.unpack_from(journal)
+    if magic != _HEADER_MAGIC:
+        return 0
+    same_boot = bool(current_boot) and boot.rstrip(b"\x00").decode(errors="replace") == current_boot
+    replayed = 0
+    folders = set()
+    for key, data in _records(journal, epoch):
+        if same_boot:
+            path = key_path(key)
+            if _fsync_path(path):
+                folders.add(path.parent)
                 replayed += 1
-            offset += _RECORD.size + key_length + length
-        for folder in folders:
-            fsync_dir(folder)
-        if replayed:
-            log.warning("storage journal %s of a process that stopped without checkpointing: %d instance(s) %s",
-                        slot_path.name, replayed, "fsynced in place" if same_boot else "written back after a restart "
-                        "of the machine")
-        return replayed
+        else:
+            rewrite(key, (data,))
+            replayed += 1
+    for folder in folders:
+        fsync_dir(folder)
+    if replayed:
+        log.warning("storage journal %s of a process that stopped without checkpointing: %d instance(s) %s",
+                    slot_path.name, replayed, "fsynced in place" if same_boot else "written back after a restart "
+                    "of the machine")
+    return replayed
+
+
+def _records(journal: bytes, epoch: int):
+    """The slot's whole records of `epoch`, in order, as (key, data).
+
+    Writers reserve their records' places in order but write and fdatasync them concurrently, so
+    a record cut short by the crash (or whose write failed, its upload then taking the classic
+    path) can lie before records that were synced and acknowledged. So a place that holds no
+    whole record is skipped to the next record start of this epoch (its magic and epoch; its CRC
+    over key and bytes decides), never taken as the end."""
+    start = _RECORD_MAGIC + struct.pack("<Q", epoch)
+    offset = HEADER_SIZE
+    while offset + _RECORD.size <= len(journal):
+        magic, record_epoch, key_length, length, crc = _RECORD.unpack_from(journal, offset)
+        body = offset + _RECORD.size
+        end = body + key_length + length
+        if magic == _RECORD_MAGIC and record_epoch == epoch and end <= len(journal):
+            name, data = journal[body:body + key_length], journal[body + key_length:end]
+            if zlib.crc32(data, zlib.crc32(name)) == crc:
+                yield name.decode(), data
+                offset = end
+                continue
+        offset = journal.find(start, offset + 1)  # not a whole record: never acknowledged
+        if offset < 0:
+            return
 
 
 USE_SYNCFS = True

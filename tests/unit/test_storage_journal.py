@@ -216,3 +216,24 @@ def test_after_a_failed_checkpoint_both_slots_are_replayed_older_first(tmp_path,
     recovered = LocalStorage(tmp_path, journal=True)
     assert recovered.get(KEYS[0]) == b"second version"
     recovered.close()
+
+
+def test_a_record_left_unfinished_before_acknowledged_ones_does_not_hide_them(tmp_path, monkeypatch):
+    """Concurrent associations reserve their places in order but sync in any order: a record
+    whose writer had not finished (or whose write failed) can lie before acknowledged ones."""
+    put_in_a_process_that_dies(tmp_path, KEYS)
+    slot = next(path for path in (tmp_path / FOLDER_NAME).iterdir() if path.suffix == ".0")
+    with open(slot, "r+b") as journal:  # the second record never written: zeros, as the slot was made
+        journal.seek(journal_module.HEADER_SIZE)
+        first = journal_module._RECORD.unpack(journal.read(journal_module._RECORD.size))
+        second = journal_module.HEADER_SIZE + journal_module._RECORD.size + first[2] + first[3]
+        journal.seek(second)
+        record = journal_module._RECORD.unpack(journal.read(journal_module._RECORD.size))
+        journal.seek(second)
+        journal.write(bytes(journal_module._RECORD.size + record[2] + record[3]))
+    for key in KEYS:
+        (tmp_path / key).unlink()
+    monkeypatch.setattr(journal_module, "boot_id", lambda: "another-boot")
+    storage = LocalStorage(tmp_path, journal=True)
+    assert [key for key in KEYS if storage.exists(key)] == [KEYS[0], *KEYS[2:]]
+    storage.close()
