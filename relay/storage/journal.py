@@ -82,8 +82,12 @@ class _Slot:
     def __init__(self, path: Path, size: int):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-        for offset in range(0, size, len(_ZEROS)):
-            os.pwrite(self.fd, _ZEROS[:size - offset], offset)
+        try:
+            for offset in range(0, size, len(_ZEROS)):
+                os.pwrite(self.fd, _ZEROS[:size - offset], offset)
+        except OSError:  # e.g. a disk too small for it: leave no part of it behind
+            self.remove()
+            raise
         self.epoch = 0
         self.end = HEADER_SIZE
         self.inflight = 0  # writers between their reservation and the end of their pwrite/fdatasync
@@ -92,6 +96,10 @@ class _Slot:
         self.sync_lock = threading.Lock()
         self.committed: list[Path] = []
         self.first_commit = 0.0
+
+    def remove(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
 
 
 class Journal:
@@ -112,11 +120,20 @@ class Journal:
             raise
         self._boot = boot_id()
         self._epochs = count(int(time.time() * 1000) << 8)
-        self._slots = [_Slot(folder / f"{name}.{index}", slot_bytes) for index in (0, 1)]
-        for slot in self._slots:
-            self._prepare(slot)  # its fdatasync also makes the zeros durable
-        self.files_folder.mkdir()
-        fsync_dir(folder)
+        self._slots: list[_Slot] = []
+        try:
+            for index in (0, 1):
+                self._slots.append(_Slot(folder / f"{name}.{index}", slot_bytes))
+                self._prepare(self._slots[-1])  # its fdatasync also makes the zeros durable
+            self.files_folder.mkdir()
+            fsync_dir(folder)
+        except OSError:  # no journal (the caller falls back to fsyncs), and none of its space taken
+            for slot in self._slots:
+                slot.remove()
+            _remove_files(self.files_folder)
+            os.close(self._lock_fd)
+            lock_path.unlink(missing_ok=True)
+            raise
         # Open for the journal's life: syncfs reports write-back errors since its descriptor opened.
         self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         self._active = self._slots[0]

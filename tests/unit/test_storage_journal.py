@@ -14,6 +14,7 @@ import pytest
 from relay.storage import journal as journal_module
 from relay.storage.journal import FOLDER_NAME, Journal
 from relay.storage.local import LocalStorage
+from tests.support.small_disk import SmallDisk
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = [f"series/1.2/1.3/1.{index}.dcm" for index in range(5)]
@@ -237,3 +238,13 @@ def test_a_record_left_unfinished_before_acknowledged_ones_does_not_hide_them(tm
     storage = LocalStorage(tmp_path, journal=True)
     assert [key for key in KEYS if storage.exists(key)] == [KEYS[0], *KEYS[2:]]
     storage.close()
+
+
+def test_a_journal_the_disk_has_no_room_for_leaves_nothing_behind_and_uploads_go_the_classic_way(tmp_path):
+    with SmallDisk(tmp_path / "disk", size_mb=16) as disk:  # smaller than the journal's two slots
+        storage = LocalStorage(disk.path, journal=True)
+        assert storage.journal is None
+        assert not list((disk.path / FOLDER_NAME).iterdir()), "no part of a journal takes the disk's space"
+        storage.put(KEYS[0], (content(0),))
+        assert storage.get(KEYS[0]) == content(0)
+        storage.close()
