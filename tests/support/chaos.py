@@ -537,6 +537,19 @@ def run_chaos(config: ChaosConfig, cluster=None, agent=None, namespace: str | No
     return chaos.report
 
 
+def _tally(chaos: "Chaos", storage_dir: Path, logged_records: dict[str, float],
+           submit_killers: tuple[str, ...]) -> None:
+    """Count the run into chaos.report: what the emulator received, what the relay recorded (task
+    records in storage, times from its log), what storage and the destination hold."""
+    chaos.recorder.scan()
+    submits = list(chaos.recorder.submits.values())
+    known = task_records(storage_dir)
+    fill_from_records(submits, known, chaos.journal)
+    records = {**{uid: None for uid in known}, **logged_records}
+    count(chaos.report, chaos.journal, submits, records, stored_instances(storage_dir), chaos.pacs.files(),
+          submit_killers, chaos.series_of_study())
+
+
 # --- isdr run -------------------------------------------------------------------------------------
 
 
@@ -566,12 +579,7 @@ def _run_mode(chaos: Chaos) -> None:
     finally:
         relay.stop()
     report = chaos.report
-    chaos.recorder.scan()
-    known = task_records(relay.data_dir)
-    fill_from_records(list(chaos.recorder.submits.values()), known, chaos.journal)
-    records = {**{uid: None for uid in known}, **run_records(log_text)}
-    count(report, chaos.journal, list(chaos.recorder.submits.values()), records, stored_instances(relay.data_dir),
-          chaos.pacs.files(), ("relay",), chaos.series_of_study())
+    _tally(chaos, relay.data_dir, run_records(log_text), ("relay",))
     for task_id, message in _RUN_FAILED.findall(log_text):
         (report.tasks_given_up if "submits is unknown" in message else report.tasks_failed).append(
             f"{task_id}: {message}")
@@ -721,12 +729,7 @@ def _kube_mode(chaos: Chaos, cluster, agent, namespace: str) -> None:
     finally:
         relay.stop()
     report = chaos.report
-    chaos.recorder.scan()
-    known = task_records(relay.storage_dir)
-    fill_from_records(list(chaos.recorder.submits.values()), known, chaos.journal)
-    records = {**{uid: None for uid in known}, **job_records(relay.pod_logs())}
-    count(report, chaos.journal, list(chaos.recorder.submits.values()), records,
-          stored_instances(relay.storage_dir), chaos.pacs.files(), ("job",), chaos.series_of_study())
+    _tally(chaos, relay.storage_dir, job_records(relay.pod_logs()), ("job",))
     for body in relay.series():
         for task in (body.get("status") or {}).get("tasks") or []:
             if task.get("phase") == "Failed":
