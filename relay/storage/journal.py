@@ -160,6 +160,8 @@ class Journal:
                 return False
             offset, epoch = slot.end, slot.epoch
             slot.end += size
+            if offset <= self.slot_bytes // 2 < slot.end:
+                self._changed.notify_all()  # half full: its checkpoint is due now, not at the interval's end
             slot.inflight += 1
             if not slot.committed:
                 slot.first_commit = time.monotonic()

@@ -14,6 +14,7 @@ import pytest
 from relay.storage import journal as journal_module
 from relay.storage.journal import FOLDER_NAME, Journal
 from relay.storage.local import LocalStorage
+from tests.support.processes import wait_until
 from tests.support.small_disk import SmallDisk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,32 @@ def test_an_upload_that_does_not_fit_in_the_slot_is_committed_the_classic_way(tm
     assert journal.commit("a", bytes(30 * 1024), tmp_path / "a", lambda: None)
     assert not journal.commit("b", bytes(64 * 1024), tmp_path / "b", lambda: pytest.fail("never placed"))
     journal.close()
+
+
+def test_a_slot_half_full_is_checkpointed_at_once_so_that_large_records_keep_the_journal(tmp_path, monkeypatch):
+    """Records of 128 KiB (an MR image) fill half a slot in a fraction of the checkpoint
+    interval; its checkpoint then runs at once, not at the interval's end, so that the uploads
+    after it find room in a recycled slot instead of falling back to the classic path."""
+    storage = LocalStorage(tmp_path, journal=True)
+    journal = storage.journal
+    journal.interval = 3600
+    journal_fds = {slot.fd for slot in journal._slots}
+    classic = []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if fd not in journal_fds:
+            classic.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    data = bytes(range(256)) * 512
+    for index in range(journal.slot_bytes // 2 // len(data) + 1):
+        storage.put(f"series/1.2/1.3/1.{index}.dcm", (data,))
+    wait_until(lambda: journal.checkpoints == 1, what="the checkpoint of the slot that is half full")
+    assert classic == [], "every upload was journaled"
+    monkeypatch.undo()
+    storage.close()
 
 
 def test_a_large_upload_is_committed_the_classic_way(tmp_path, monkeypatch):
