@@ -98,8 +98,12 @@ class Association:
             if self._instance is not None:
                 instance, self._instance = self._instance, None
                 status, stored = instance.finish()
-                self._on_stored(status, stored, self.calling_ae_title)
-                self._respond(context_id, request, status)
+                try:
+                    self._respond(context_id, request, status)  # durable: the sender may go on
+                finally:
+                    # Registered while the sender prepares its next instance, and even if the
+                    # answer could not be sent (the instance is stored all the same).
+                    self._on_stored(status, stored, self.calling_ae_title)
                 self._open_spare()
             else:
                 self._respond(context_id, request, UNRECOGNIZED_OPERATION)
