@@ -5,6 +5,11 @@ step (listing the series' instances in storage when the rules need the facts), p
 decision on the DicomSeries, carry it out (Jobs, Events, storage clean-up). Every status write
 carries the resourceVersion it was computed from, so a decision made on a stale object is retried
 on the fresh one instead of overwriting the receiver's newer counts.
+
+No write the operator can know is useless: a status patch that changes nothing is not sent, and
+a Job is created only for a Pending task whose Job the operator has not seen (its own creates and
+the Job watch tell it which exist). Watch events are triaged from the watched object alone
+(`triage`): a series whose next step is to wait costs no API call at all.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from relay.kube.resources import (
     has_received,
     job_outcome,
     series_state,
+    status_unchanged,
     task_change,
 )
 from relay.lifecycle import (
@@ -42,6 +48,7 @@ from relay.lifecycle import (
     DropUnmatched,
     Finish,
     Forget,
+    JobOutcome,
     ListStorage,
     NoteArrivals,
     PendingTaskAction,
@@ -90,6 +97,32 @@ class SeriesDriver:
         self.fingerprints = fingerprints
         self.rules = lifecycle_rules(settings.relay)
         self.clock = clock
+        # Jobs known to exist (created here, or seen by the Job watch or a listing): never
+        # created again. Names only: the watch, not this set, holds what they say.
+        self.jobs_seen: set[str] = set()
+        # Jobs whose final outcome is already in their series' status: their events are old news.
+        self.jobs_copied: set[str] = set()
+
+    # --- a watch event: does the series need a step, and when? ---
+
+    def triage(self, body: dict) -> float | None:
+        """When the series `body` (as the watch shows it) needs a step: 0.0 now, else in that many
+        seconds, None not until it changes. The same first decision `_step` would take on it, but
+        without reading anything: an old, finished series costs nothing."""
+        if body["metadata"].get("deletionTimestamp") or not has_received(body):
+            return None
+        state = series_state(body)
+        if self._jobs_to_create(state):
+            return 0.0
+        step = next_step(state, self.fingerprints.ready(), self.clock(), self.rules, matching_fingerprints)
+        if isinstance(step, Wait):
+            return self._waiting(state, step, self.clock())
+        return 0.0
+
+    def _waiting(self, state: SeriesState, step: Wait, now: float) -> float | None:
+        if step.until is not None:
+            return max(0.05, step.until - now)
+        return TASK_CHECK_INTERVAL if state.active_tasks else None
 
     # --- one series: read, ask, persist, carry out ---
 
@@ -119,9 +152,7 @@ class SeriesDriver:
             state = replace(state, dispatches=self.dispatches.load_all(state.key))
             step = next_step(state, self.fingerprints.ready(), now, self.rules, matching_fingerprints)
         if isinstance(step, Wait):
-            if step.until is not None:
-                return max(0.05, step.until - now)
-            return TASK_CHECK_INTERVAL if state.active_tasks else None
+            return self._waiting(state, step, now)
         if isinstance(step, Dispatch):
             return self._dispatch(body, state, step, now)
         if isinstance(step, (Reopen, NoteArrivals)):
@@ -166,16 +197,22 @@ class SeriesDriver:
         (log.warning if late else log.info)("series %s: %s", state.key.series_uid, note)
         return 0.05
 
+    def _jobs_to_create(self, state: SeriesState) -> list:
+        """The Pending tasks whose Job this operator has not seen."""
+        return [task for task in state.tasks if task.phase == TaskPhase.PENDING and task.task_id not in self.jobs_seen]
+
     def _ensure_jobs(self, body: dict, state: SeriesState) -> None:
-        """Create the Job of every Pending task (409 AlreadyExists: it is there, fine)."""
+        """Create the Job of every Pending task not known to have one (409 AlreadyExists: it is
+        there, fine; the next look knows it)."""
         name = body["metadata"]["name"]
-        for task in state.tasks:
-            if task.phase != TaskPhase.PENDING:
-                continue
+        for task in self._jobs_to_create(state):
             fingerprint_body = self.fingerprints.body(task.fingerprint)
             action = pending_task_action(fingerprint_body is not None)
             if action == PendingTaskAction.ASK_FOR_JOB:
-                action = pending_task_action(False, self.api.job_exists(task.task_id))
+                exists = self.api.job_exists(task.task_id)
+                if exists:
+                    self.jobs_seen.add(task.task_id)
+                action = pending_task_action(False, exists)
             if action == PendingTaskAction.FAIL:
                 self._fail_task(body, task.task_id, f"fingerprint {task.fingerprint} was deleted "
                                 "before its Job could be created")
@@ -184,7 +221,9 @@ class SeriesDriver:
                 continue
             job = build_job(task=task, key=state.key, series_name=name, fingerprint_body=fingerprint_body,
                             settings=self.settings.jobs, relay_get_timeout=self.settings.relay.get_timeout)
-            if self.api.create_job(job):
+            created = self.api.create_job(job)
+            self.jobs_seen.add(task.task_id)
+            if created:
                 log.info("series %s: created Job %s", state.key.series_uid, task.task_id)
                 metrics.task_started(task.task_id, task.fingerprint)
 
@@ -266,7 +305,10 @@ class SeriesDriver:
     # --- writes, each guarded by the resourceVersion the decision was made on ---
 
     def _write(self, body: dict, status: dict) -> dict:
-        """Merge `status` into the DicomSeries if it is still as read (else Conflict)."""
+        """Merge `status` into the DicomSeries if it is still as read (else Conflict); a patch
+        that would change nothing is not sent."""
+        if status_unchanged(body, status):
+            return body
         meta = body["metadata"]
         return self.api.patch_series_status(meta["name"], status, meta["resourceVersion"])
 
@@ -275,17 +317,49 @@ class SeriesDriver:
 
     # --- Jobs ---
 
+    def forget_jobs(self) -> None:
+        self.jobs_seen.clear()
+        self.jobs_copied.clear()
+
+    def job_listed(self, job: dict, finished_tasks: set[str]) -> str | None:
+        """A Job from a listing; `finished_tasks` are those whose series' status says they
+        finished: their Jobs are only noted, not read again (a finished task stays finished)."""
+        task = (job["metadata"].get("labels") or {}).get(LABEL_TASK)
+        if task not in finished_tasks:
+            return self.job_changed(job)
+        name = job["metadata"]["name"]
+        self.jobs_seen.add(name)
+        if job_outcome(job)[0] != JobOutcome.RUNNING:
+            self.jobs_copied.add(name)
+        return None
+
+    def job_gone(self, name: str) -> None:
+        self.jobs_seen.discard(name)
+        self.jobs_copied.discard(name)
+
     def job_changed(self, job: dict) -> str | None:
         """Copy a Job's progress into its DicomSeries; returns the series' name to look at again.
 
         What the Job's pod counted (errors, a possible duplicate submit) and the task's end are
         counted here once per change of the task's entry: only after the entry was written, and
-        never again for what the entry already says (an operator restart reads it back)."""
+        never again for what the entry already says (an operator restart reads it back). A Job
+        whose end was copied already is not read again (a finished task stays finished)."""
         labels = job["metadata"].get("labels") or {}
         series_name, task_id = labels.get(LABEL_SERIES), labels.get(LABEL_TASK)
         if not series_name or not task_id:
             return None
+        self.jobs_seen.add(job["metadata"]["name"])
         outcome, job_message = job_outcome(job)
+        if outcome != JobOutcome.RUNNING and job["metadata"]["name"] in self.jobs_copied:
+            return None
+        series, copied = self._copy_job(series_name, task_id, outcome, job_message)
+        if outcome != JobOutcome.RUNNING and copied:
+            self.jobs_copied.add(job["metadata"]["name"])
+        return series
+
+    def _copy_job(self, series_name: str, task_id: str, outcome: JobOutcome, job_message: str
+                  ) -> tuple[str | None, bool]:
+        """(the series to look at again, whether its status now says what the Job says)"""
         record = read_task(self.storage, task_id)
         phase, message = task_phase_from_job(outcome, job_message, record)
         report = TaskReport(phase, message, record.inference_uid if record else None,
@@ -293,10 +367,10 @@ class SeriesDriver:
         for _ in range(CONFLICT_ATTEMPTS):
             body = self.api.get_series(series_name)
             if body is None:
-                return None
+                return None, True
             change = task_change(body, task_id, report, self.clock())
             if change is None:
-                return series_name
+                return series_name, True
             try:
                 body = self._write(body, change.status)
             except Conflict:
@@ -310,8 +384,8 @@ class SeriesDriver:
                                f"Job {entry['job']}: {possible_duplicate_note(record)}", warning=True)
             if change.finished:
                 self._task_finished(body, entry, series_state(body))
-            return series_name
-        return series_name
+            return series_name, True
+        return series_name, False
 
     def _task_finished(self, body: dict, entry: dict, state: SeriesState) -> None:
         ok = entry["phase"] == TaskPhase.SUCCEEDED

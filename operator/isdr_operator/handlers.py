@@ -58,17 +58,19 @@ async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's key
 
 
 @kopf.on.event(GROUP, VERSION, SERIES_PLURAL)
-def series_event(type, name, **_) -> None:  # noqa: A002
-    # Only scheduling: the scheduler steps while this operator is the active one.
-    if type == "DELETED":
-        RUNTIME.scheduler.forget(name)
-    else:
-        RUNTIME.scheduler.poke(name)
+async def series_event(type, body, **_) -> None:  # noqa: A002
+    # Only scheduling, from the watched object alone (no API call, in the event loop: thousands
+    # of them at start-up cost no thread hop each); the scheduler steps while this operator is
+    # the active one.
+    RUNTIME.series_event(type, dict(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def job_event(type, body, **_) -> None:  # noqa: A002
-    if type == "DELETED" or not RUNTIME.active:
+async def job_event(type, body, name, **_) -> None:  # noqa: A002
+    if type == "DELETED":
+        RUNTIME.driver.job_gone(name)
+        return
+    if not RUNTIME.active:
         return  # while paused: Runtime.resync() reads every Job when this operator becomes active
     series = await asyncio.to_thread(RUNTIME.driver.job_changed, dict(body))
     if series:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from relay.kube.api import KubeApi
-from relay.kube.resources import ready_status
+from relay.kube.resources import finished_task_ids, ready_status
 from relay.storage import open_storage
 
 from isdr_operator.driver import SeriesDriver
@@ -55,7 +55,11 @@ class Runtime:
 
     def resync(self) -> None:
         """Catch up with everything that happened while this operator was not active (or not
-        running): Fingerprints, then Jobs, then every series."""
+        running): Fingerprints, then Jobs, then every series that needs a look.
+
+        The series are read first, a page at a time, and triaged from what the listing shows:
+        a finished series needs no look, and the Jobs of its finished tasks are not read again.
+        The ones that do need a look wait in the scheduler's background, behind fresh work."""
         self._activations += 1
         # Fingerprints first: a complete series looked at before they are known would be
         # taken for unmatched and deleted.
@@ -63,16 +67,37 @@ class Runtime:
         for body in fingerprints:
             self.fingerprint_event("ADDED", body)
         self.fingerprints.loaded.set()
-        for job in self.api.list_jobs():
-            series = self.driver.job_changed(job)
+        # What was known of the Jobs may be stale (their watch was paused): the listing says.
+        self.driver.forget_jobs()
+        looks: list[tuple[str, float]] = []
+        finished_tasks: set[str] = set()
+        listed = 0
+        for body in self.api.iter_series():
+            listed += 1
+            finished_tasks |= finished_task_ids(body)
+            delay = self.driver.triage(body)
+            if delay is not None:
+                looks.append((body["metadata"]["name"], delay))
+        for job in self.api.iter_jobs():
+            series = self.driver.job_listed(job, finished_tasks)
             if series:
-                self.scheduler.poke(series)
-        series = self.api.list_series()
-        for body in series:
-            self.scheduler.poke(body["metadata"]["name"])
-        log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series, storage %s",
+                self.scheduler.poke(series, background=True)
+        for name, delay in looks:
+            self.scheduler.poke(name, delay, background=True)
+        log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at), storage %s",
                  "ready" if self._activations == 1 else "resumed", self.settings.namespace, len(fingerprints),
-                 len(self.fingerprints.ready()), len(series), self.storage.describe())
+                 len(self.fingerprints.ready()), listed, len(looks), self.storage.describe())
+
+    def series_event(self, event_type: str | None, body: dict) -> None:
+        """A DicomSeries watch event: schedule the series' next look, if it needs one. kopf's
+        listing when its watch (re)starts (event type None) is background work; a change is fresh."""
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            self.scheduler.forget(name)
+            return
+        delay = self.driver.triage(body)
+        if delay is not None:
+            self.scheduler.poke(name, delay, background=event_type is None)
 
     def fingerprint_event(self, event_type: str | None, body: dict) -> None:
         if not self.active:

@@ -5,6 +5,11 @@ deletion of a DicomSeries whenever the operator is down. Instead, watch events a
 own answers ("look again in 3.2 s") feed this scheduler, and one worker thread takes the steps.
 Steps are taken only while the gate is open (isdr_operator.peering: this is the one active
 operator); while it is closed, pokes are queued and wait.
+
+Two classes of work: fresh work (a watch event that changed a series, and the steps that follow
+from it) and the background (the re-examination of every series the operator finds when it
+starts or resumes). A due fresh look always goes first: a series that completes while thousands
+of old ones are looked at again is dispatched without waiting behind them.
 """
 
 from __future__ import annotations
@@ -29,44 +34,65 @@ class Scheduler:
         self._gate = gate  # anything with wait_open(timeout) -> bool; None: always open
         self._clock = clock
         self._retry_after_error = retry_after_error
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}  # name -> the earliest time it is wanted
+        # One heap per class (False: fresh, True: background) of (time, name); an entry counts
+        # only while it is what _due says for the name (else it was superseded or forgotten).
+        self._heaps: dict[bool, list[tuple[float, str]]] = {False: [], True: []}
+        self._due: dict[str, tuple[float, bool]] = {}  # name -> (earliest time wanted, background)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._step_started: float | None = None  # clock() when the running step began
 
-    def poke(self, name: str, delay: float = 0.0) -> None:
-        """Look at `name` after `delay` seconds (or sooner if it is already due sooner)."""
+    def poke(self, name: str, delay: float = 0.0, background: bool = False) -> None:
+        """Look at `name` after `delay` seconds (or sooner if it is already due sooner). A fresh
+        poke of a series waiting in the background makes it fresh."""
         at = self._clock() + max(0.0, delay)
         with self._cond:
-            if name in self._due and self._due[name] <= at:
-                return
-            self._due[name] = at
-            heapq.heappush(self._heap, (at, name))
+            wanted = (at, background)
+            if name in self._due:
+                due_at, due_background = self._due[name]
+                wanted = (min(at, due_at), background and due_background)
+                if wanted == (due_at, due_background):
+                    return
+            self._due[name] = wanted
+            heapq.heappush(self._heaps[wanted[1]], (wanted[0], name))
             self._cond.notify()
 
     def forget(self, name: str) -> None:
         with self._cond:
             self._due.pop(name, None)
 
-    def _next(self) -> str | None:
+    def _head(self, background: bool) -> tuple[float, str] | None:
+        heap = self._heaps[background]
+        while heap and self._due.get(heap[0][1]) != (heap[0][0], background):
+            heapq.heappop(heap)  # superseded by an earlier or fresher poke, or forgotten
+        return heap[0] if heap else None
+
+    def _next(self) -> tuple[str, bool] | None:
+        """The next name to step, and whether it is background work (None: stopped)."""
         with self._cond:
             while not self._stopped:
-                while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
-                    heapq.heappop(self._heap)  # superseded by an earlier poke, or forgotten
-                if not self._heap:
-                    self._cond.wait()
+                now = self._clock()
+                heads = {background: head for background in (False, True)
+                         if (head := self._head(background)) is not None}
+                due = next((background for background in (False, True)
+                            if background in heads and heads[background][0] <= now), None)
+                if due is None:
+                    if not heads:
+                        self._cond.wait()
+                    else:
+                        self._cond.wait(min(at for at, _ in heads.values()) - now)
                     continue
-                at, name = self._heap[0]
-                wait = at - self._clock()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
+                _, name = heapq.heappop(self._heaps[due])
                 del self._due[name]
-                return name
+                return name, due
             return None
+
+    def pending(self) -> dict[str, int]:
+        """How many series wait for a look, per class (for logs and the benchmark)."""
+        with self._cond:
+            background = sum(1 for _, is_background in self._due.values() if is_background)
+            return {"fresh": len(self._due) - background, "background": background}
 
     def _wait_for_gate(self) -> bool:
         """Block while the gate is closed; False once the scheduler is stopped."""
@@ -76,7 +102,8 @@ class Scheduler:
         return not self._stopped
 
     def run(self) -> None:
-        while (name := self._next()) is not None:
+        while (taken := self._next()) is not None:
+            name, background = taken
             if not self._wait_for_gate():
                 return
             self._step_started = self._clock()
@@ -88,7 +115,7 @@ class Scheduler:
             finally:
                 self._step_started = None
             if again is not None:
-                self.poke(name, again)
+                self.poke(name, again, background=background)
 
     def health(self, stuck_after: float) -> dict:
         """For the liveness probe: raises SchedulerStuck if no step can run any more."""

@@ -23,6 +23,7 @@ import json
 import logging
 import socket
 import time
+from typing import Iterator
 
 from relay.kube.resources import (
     FINGERPRINT_PLURAL,
@@ -45,6 +46,9 @@ REQUEST_TIMEOUT = 30.0  # seconds for each call of the operator
 # The receiver's publication thread waits less on each call: (connect, read) seconds.
 RECEIVER_TIMEOUT = (5.0, 15.0)
 CONFLICT_ATTEMPTS = 5  # read, decide, write guarded by resourceVersion: tries before giving up
+# Objects per page of a listing: thousands of DicomSeries or Jobs are read a page at a time, so
+# that no more than one page is held at once.
+LIST_PAGE = 500
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -161,6 +165,17 @@ class KubeApi:
         return self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
                           **kwargs)["items"]
 
+    def _pages(self, read_page) -> Iterator[dict]:
+        """Every item of a listing, a page (LIST_PAGE) at a time: `read_page(continue_token)`
+        returns one page as a dict."""
+        token = None
+        while True:
+            page = read_page(token)
+            yield from page["items"]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
     def _patch_status(self, plural: str, name: str, status: dict, resource_version: str | None) -> dict:
         """Merge `status` in; with `resource_version`, only if the object is still that version
         (else Conflict, or NotFound when it is gone)."""
@@ -175,8 +190,11 @@ class KubeApi:
     def get_series(self, name: str) -> dict | None:
         return self._get(SERIES_PLURAL, name)
 
-    def list_series(self) -> list[dict]:
-        return self._list(SERIES_PLURAL)
+    def iter_series(self) -> Iterator[dict]:
+        """Every DicomSeries, read a page at a time."""
+        return self._pages(lambda token: self._call(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, SERIES_PLURAL,
+            limit=LIST_PAGE, **({"_continue": token} if token else {})))
 
     def can_list_series(self) -> None:
         """A cheap probe: raises unless DicomSeries can be listed here (CRD installed, RBAC)."""
@@ -230,11 +248,16 @@ class KubeApi:
 
     # --- Jobs ---
 
-    def list_jobs(self) -> list[dict]:
-        """The Jobs the operator made (label app.kubernetes.io/managed-by), as plain dicts."""
-        response = self._call(self.batch.list_namespaced_job, self.namespace,
-                              label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}", _preload_content=False)
-        return json.loads(response.data)["items"]
+    def iter_jobs(self) -> Iterator[dict]:
+        """The Jobs the operator made (label app.kubernetes.io/managed-by), as plain dicts, read a
+        page at a time."""
+        def page(token):
+            response = self._call(self.batch.list_namespaced_job, self.namespace,
+                                  label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}", limit=LIST_PAGE,
+                                  _preload_content=False, **({"_continue": token} if token else {}))
+            return json.loads(response.data)
+
+        return self._pages(page)
 
     def job_exists(self, name: str) -> bool:
         try:

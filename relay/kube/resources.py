@@ -303,6 +303,32 @@ def series_state(body: dict) -> SeriesState:
     )
 
 
+def finished_task_ids(body: dict) -> set[str]:
+    """The tasks the DicomSeries' status says finished (their Jobs have nothing left to tell)."""
+    return {str(task.get("taskId")) for task in _status(body).get("tasks") or []
+            if task.get("phase") in TERMINAL_TASK_PHASES}
+
+
+def merged_is_same(current, patch) -> bool:
+    """Whether merging `patch` into `current` (JSON merge patch, RFC 7386) changes nothing."""
+    if not isinstance(patch, Mapping):
+        return current == patch
+    if not isinstance(current, Mapping):
+        return False
+    for key, value in patch.items():
+        if value is None:
+            if current.get(key) is not None:
+                return False
+        elif not merged_is_same(current.get(key), value):
+            return False
+    return True
+
+
+def status_unchanged(body: dict, status: dict) -> bool:
+    """Whether a status merge patch would leave the object's status as it is (not worth a write)."""
+    return merged_is_same(_status(body), status)
+
+
 def series_phases(body: dict) -> tuple[str, tuple[str, ...]]:
     """(the series' phase, its tasks' phases) as the object says, for the metrics."""
     status = _status(body)

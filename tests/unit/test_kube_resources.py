@@ -19,7 +19,9 @@ from relay.kube.resources import (
     condition,
     counter_status,
     dispatch_status,
+    decision_status,
     failed_task_status,
+    finished_task_ids,
     finish_status,
     new_counts,
     new_series,
@@ -29,6 +31,7 @@ from relay.kube.resources import (
     resource_name,
     series_phases,
     series_state,
+    status_unchanged,
     storage_location,
     task_change,
     to_rfc3339,
@@ -279,3 +282,21 @@ def test_a_jobs_record_carries_the_errors_of_its_earlier_pods_plus_its_own():
     assert recorded.errors == {"inference_poll": 3, "delivery_refused": 1}
     assert task_from_dict(task_to_dict(recorded)).errors == recorded.errors
     assert task_from_dict({"task_id": "t", "fingerprint": "f", "generation": 1}).errors == {}
+
+
+def test_a_status_patch_that_changes_nothing_is_recognised_as_such():
+    body = series({"instances": 3, "lastReceived": to_rfc3339(100.0), "phase": "Succeeded", "generation": 1,
+                   "instancesDeleted": True, "completedTime": to_rfc3339(90.0), "lateInstances": 0,
+                   "tasks": [entry(phase="Succeeded")]})
+    state = series_state(body)
+    assert status_unchanged(body, decision_status(state))  # lateSeen None: absent is the same
+    assert status_unchanged(body, {"tasks": [entry(phase="Succeeded")]})
+    assert not status_unchanged(body, {"tasks": [entry(phase="Failed")]})
+    assert not status_unchanged(body, {"instancesDeleted": False})
+    assert not status_unchanged(body, {"completedTime": None})  # removing a field is a change
+    assert not status_unchanged(series(), {"phase": "Receiving"})
+
+
+def test_the_tasks_a_series_says_finished_are_the_succeeded_and_failed_ones():
+    body = series({"tasks": [entry("a", "Succeeded"), entry("b", "Failed"), entry("c", "Running"), entry("d")]})
+    assert finished_task_ids(body) == {"a", "b"}

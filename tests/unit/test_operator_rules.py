@@ -226,3 +226,59 @@ def test_scheduler_health_fails_when_a_step_hangs_or_the_thread_is_gone():
         scheduler.stop()
     with pytest.raises(SchedulerStuck):
         scheduler.health(stuck_after=60)
+
+
+class Clock:
+    """A clock the test moves by hand: what is due is decided without waiting."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def due_order(scheduler: Scheduler, count: int) -> list[str]:
+    return [scheduler._next()[0] for _ in range(count)]
+
+
+def test_fresh_work_goes_before_a_backlog_of_old_series():
+    clock = Clock()
+    scheduler = Scheduler(lambda name: None, clock=clock)
+    for index in range(100):
+        scheduler.poke(f"old-{index}", background=True)
+    clock.now += 1
+    scheduler.poke("new")  # wanted later than every old one, yet looked at first
+    assert scheduler.pending() == {"fresh": 1, "background": 100}
+    assert due_order(scheduler, 3) == ["new", "old-0", "old-1"]
+
+
+def test_a_fresh_poke_of_a_series_waiting_in_the_background_makes_it_fresh():
+    clock = Clock()
+    scheduler = Scheduler(lambda name: None, clock=clock)
+    scheduler.poke("a", background=True)
+    scheduler.poke("b", background=True)
+    scheduler.poke("b", 5.0)  # fresh, though wanted later: it keeps the earlier time
+    assert scheduler.pending() == {"fresh": 1, "background": 1}
+    assert due_order(scheduler, 2) == ["b", "a"]
+
+
+def test_background_work_that_is_not_due_yet_does_not_hold_back_fresh_work():
+    clock = Clock()
+    scheduler = Scheduler(lambda name: None, clock=clock)
+    scheduler.poke("forget-later", 3600.0, background=True)
+    scheduler.poke("dispatch-soon", 2.0)
+    clock.now += 2
+    assert due_order(scheduler, 1) == ["dispatch-soon"]
+    assert scheduler.pending() == {"fresh": 0, "background": 1}
+
+
+def test_what_a_background_step_asks_for_stays_in_the_background():
+    clock = Clock()
+    looks = []
+    scheduler = Scheduler(lambda name: looks.append(name) or (None if len(looks) > 1 else 0.0), clock=clock)
+    scheduler.poke("old", background=True)
+    name, background = scheduler._next()
+    again = scheduler._step(name)
+    scheduler.poke(name, again, background=background)
+    assert scheduler.pending() == {"fresh": 0, "background": 1}
