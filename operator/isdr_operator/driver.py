@@ -321,12 +321,13 @@ class SeriesDriver:
         self.jobs_seen.clear()
         self.jobs_copied.clear()
 
-    def job_listed(self, job: dict, finished_tasks: set[str]) -> str | None:
+    def job_listed(self, job: dict, finished_tasks: set[str], listed: dict | None = None) -> str | None:
         """A Job from a listing; `finished_tasks` are those whose series' status says they
-        finished: their Jobs are only noted, not read again (a finished task stays finished)."""
+        finished: their Jobs are only noted, not read again (a finished task stays finished).
+        `listed`: its series as the same resync listed it, to read only if the Job has news."""
         task = (job["metadata"].get("labels") or {}).get(LABEL_TASK)
         if task not in finished_tasks:
-            return self.job_changed(job)
+            return self.job_changed(job, listed)
         name = job["metadata"]["name"]
         self.jobs_seen.add(name)
         if job_outcome(job)[0] != JobOutcome.RUNNING:
@@ -337,13 +338,14 @@ class SeriesDriver:
         self.jobs_seen.discard(name)
         self.jobs_copied.discard(name)
 
-    def job_changed(self, job: dict) -> str | None:
+    def job_changed(self, job: dict, seen: dict | None = None) -> str | None:
         """Copy a Job's progress into its DicomSeries; returns the series' name to look at again.
 
         What the Job's pod counted (errors, a possible duplicate submit) and the task's end are
         counted here once per change of the task's entry: only after the entry was written, and
         never again for what the entry already says (an operator restart reads it back). A Job
-        whose end was copied already is not read again (a finished task stays finished)."""
+        whose end was copied already is not read again (a finished task stays finished), nor is
+        the series when `seen` (the series as just listed or watched) already says what it says."""
         labels = job["metadata"].get("labels") or {}
         series_name, task_id = labels.get(LABEL_SERIES), labels.get(LABEL_TASK)
         if not series_name or not task_id:
@@ -352,25 +354,27 @@ class SeriesDriver:
         outcome, job_message = job_outcome(job)
         if outcome != JobOutcome.RUNNING and job["metadata"]["name"] in self.jobs_copied:
             return None
-        series, copied = self._copy_job(series_name, task_id, outcome, job_message)
+        series, copied = self._copy_job(series_name, task_id, outcome, job_message, seen)
         if outcome != JobOutcome.RUNNING and copied:
             self.jobs_copied.add(job["metadata"]["name"])
         return series
 
-    def _copy_job(self, series_name: str, task_id: str, outcome: JobOutcome, job_message: str
-                  ) -> tuple[str | None, bool]:
+    def _copy_job(self, series_name: str, task_id: str, outcome: JobOutcome, job_message: str,
+                  seen: dict | None) -> tuple[str | None, bool]:
         """(the series to look at again, whether its status now says what the Job says)"""
         record = read_task(self.storage, task_id)
         phase, message = task_phase_from_job(outcome, job_message, record)
         report = TaskReport(phase, message, record.inference_uid if record else None,
                             record.errors if record else None)
+        if seen is not None and task_change(seen, task_id, report, self.clock()) is None:
+            return None, True
         for _ in range(CONFLICT_ATTEMPTS):
             body = self.api.get_series(series_name)
             if body is None:
                 return None, True
             change = task_change(body, task_id, report, self.clock())
             if change is None:
-                return series_name, True
+                return None, True  # nothing new for the series: it needs no look for this
             try:
                 body = self._write(body, change.status)
             except Conflict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from relay.kube.api import KubeApi
-from relay.kube.resources import finished_task_ids, ready_status
+from relay.kube.resources import finished_task_ids, job_series, ready_status, tasks_under_way
 from relay.storage import open_storage
 
 from isdr_operator.driver import SeriesDriver
@@ -71,22 +71,27 @@ class Runtime:
         self.driver.forget_jobs()
         looks: list[tuple[str, float]] = []
         finished_tasks: set[str] = set()
+        running: dict[str, dict] = {}  # the (few) series with tasks under way, as listed
         listed = 0
         for body in self.api.iter_series():
             listed += 1
             finished_tasks |= finished_task_ids(body)
+            if tasks_under_way(body):
+                running[body["metadata"]["name"]] = body
             delay = self.driver.triage(body)
             if delay is not None:
                 looks.append((body["metadata"]["name"], delay))
         for job in self.api.iter_jobs():
-            series = self.driver.job_listed(job, finished_tasks)
+            series = self.driver.job_listed(job, finished_tasks, running.get(job_series(job)))
             if series:
                 self.scheduler.poke(series, background=True)
         for name, delay in looks:
             self.scheduler.poke(name, delay, background=True)
-        log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at), storage %s",
-                 "ready" if self._activations == 1 else "resumed", self.settings.namespace, len(fingerprints),
-                 len(self.fingerprints.ready()), listed, len(looks), self.storage.describe())
+        now = sum(1 for _, delay in looks if delay <= 0)
+        log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at now, %d later), "
+                 "storage %s", "ready" if self._activations == 1 else "resumed", self.settings.namespace,
+                 len(fingerprints), len(self.fingerprints.ready()), listed, now, len(looks) - now,
+                 self.storage.describe())
 
     def series_event(self, event_type: str | None, body: dict) -> None:
         """A DicomSeries watch event: schedule the series' next look, if it needs one. kopf's

@@ -89,10 +89,14 @@ class Scheduler:
             return None
 
     def pending(self) -> dict[str, int]:
-        """How many series wait for a look, per class (for logs and the benchmark)."""
+        """How many series are due for a look now, per class, and how many later (for the tests
+        and the benchmark)."""
         with self._cond:
-            background = sum(1 for _, is_background in self._due.values() if is_background)
-            return {"fresh": len(self._due) - background, "background": background}
+            now = self._clock()
+            counts = {"fresh": 0, "background": 0, "later": 0}
+            for at, background in self._due.values():
+                counts["later" if at > now else "background" if background else "fresh"] += 1
+            return counts
 
     def _wait_for_gate(self) -> bool:
         """Block while the gate is closed; False once the scheduler is stopped."""

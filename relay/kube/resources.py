@@ -309,6 +309,11 @@ def finished_task_ids(body: dict) -> set[str]:
             if task.get("phase") in TERMINAL_TASK_PHASES}
 
 
+def tasks_under_way(body: dict) -> bool:
+    """Whether the DicomSeries' status shows a task that has not finished."""
+    return any(task.get("phase") not in TERMINAL_TASK_PHASES for task in _status(body).get("tasks") or [])
+
+
 def merged_is_same(current, patch) -> bool:
     """Whether merging `patch` into `current` (JSON merge patch, RFC 7386) changes nothing."""
     if not isinstance(patch, Mapping):
@@ -428,7 +433,9 @@ def task_change(body: dict, task_id: str, report: TaskReport, now: float) -> Tas
     before = entry.get("phase")
     if not accept_task_phase(before, report.phase):
         return None  # a stale event must not revive or change a finished task
-    update: dict = {"phase": str(report.phase), "message": report.message[:1000]}
+    update: dict = {"phase": str(report.phase)}
+    if report.message or entry.get("message"):
+        update["message"] = report.message[:1000]
     if report.inference_uid:
         update["inferenceTaskUID"] = report.inference_uid
     if report.phase in TERMINAL_TASK_PHASES and not entry.get("completionTime"):
@@ -480,6 +487,11 @@ def counter_status(body: dict, counter: str, now: float) -> dict:
 
 
 # --- other objects: Jobs, kopf's peering, Events --------------------------------------------------
+
+
+def job_series(job: dict) -> str | None:
+    """The name of the DicomSeries a Job runs a task of (its label)."""
+    return (job["metadata"].get("labels") or {}).get(LABEL_SERIES)
 
 
 def job_outcome(job: dict) -> tuple[JobOutcome, str]:

@@ -300,3 +300,8 @@ def test_a_status_patch_that_changes_nothing_is_recognised_as_such():
 def test_the_tasks_a_series_says_finished_are_the_succeeded_and_failed_ones():
     body = series({"tasks": [entry("a", "Succeeded"), entry("b", "Failed"), entry("c", "Running"), entry("d")]})
     assert finished_task_ids(body) == {"a", "b"}
+
+
+def test_a_pending_report_about_a_pending_task_without_a_message_changes_nothing():
+    body = series({"tasks": [entry()]})
+    assert task_change(body, "ct-organs-1", TaskReport(TaskPhase.PENDING, ""), T0) is None

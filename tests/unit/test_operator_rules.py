@@ -249,7 +249,7 @@ def test_fresh_work_goes_before_a_backlog_of_old_series():
         scheduler.poke(f"old-{index}", background=True)
     clock.now += 1
     scheduler.poke("new")  # wanted later than every old one, yet looked at first
-    assert scheduler.pending() == {"fresh": 1, "background": 100}
+    assert scheduler.pending() == {"fresh": 1, "background": 100, "later": 0}
     assert due_order(scheduler, 3) == ["new", "old-0", "old-1"]
 
 
@@ -259,7 +259,7 @@ def test_a_fresh_poke_of_a_series_waiting_in_the_background_makes_it_fresh():
     scheduler.poke("a", background=True)
     scheduler.poke("b", background=True)
     scheduler.poke("b", 5.0)  # fresh, though wanted later: it keeps the earlier time
-    assert scheduler.pending() == {"fresh": 1, "background": 1}
+    assert scheduler.pending() == {"fresh": 1, "background": 1, "later": 0}
     assert due_order(scheduler, 2) == ["b", "a"]
 
 
@@ -270,7 +270,7 @@ def test_background_work_that_is_not_due_yet_does_not_hold_back_fresh_work():
     scheduler.poke("dispatch-soon", 2.0)
     clock.now += 2
     assert due_order(scheduler, 1) == ["dispatch-soon"]
-    assert scheduler.pending() == {"fresh": 0, "background": 1}
+    assert scheduler.pending() == {"fresh": 0, "background": 0, "later": 1}
 
 
 def test_what_a_background_step_asks_for_stays_in_the_background():
@@ -281,4 +281,4 @@ def test_what_a_background_step_asks_for_stays_in_the_background():
     name, background = scheduler._next()
     again = scheduler._step(name)
     scheduler.poke(name, again, background=background)
-    assert scheduler.pending() == {"fresh": 0, "background": 1}
+    assert scheduler.pending() == {"fresh": 0, "background": 1, "later": 0}
