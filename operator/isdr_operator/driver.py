@@ -56,6 +56,7 @@ from relay.lifecycle import (
     SeriesPhase,
     SeriesState,
     TaskPhase,
+    TaskState,
     Wait,
     apply_cleanup,
     apply_dispatch,
@@ -102,6 +103,9 @@ class SeriesDriver:
         self.jobs_seen: set[str] = set()
         # Jobs whose final outcome is already in their series' status: their events are old news.
         self.jobs_copied: set[str] = set()
+        # What the series of each running Job was last told (a Job event that changes nothing
+        # for the task, say its pod started, reads nothing from the API).
+        self.job_reports: dict[str, TaskReport] = {}
 
     # --- a watch event: does the series need a step, and when? ---
 
@@ -320,6 +324,7 @@ class SeriesDriver:
     def forget_jobs(self) -> None:
         self.jobs_seen.clear()
         self.jobs_copied.clear()
+        self.job_reports.clear()
 
     def job_listed(self, job: dict, finished_tasks: set[str], listed: dict | None = None) -> str | None:
         """A Job from a listing; `finished_tasks` are those whose series' status says they
@@ -337,6 +342,7 @@ class SeriesDriver:
     def job_gone(self, name: str) -> None:
         self.jobs_seen.discard(name)
         self.jobs_copied.discard(name)
+        self.job_reports.pop(name, None)
 
     def job_changed(self, job: dict, seen: dict | None = None) -> str | None:
         """Copy a Job's progress into its DicomSeries; returns the series' name to look at again.
@@ -354,18 +360,24 @@ class SeriesDriver:
         outcome, job_message = job_outcome(job)
         if outcome != JobOutcome.RUNNING and job["metadata"]["name"] in self.jobs_copied:
             return None
-        series, copied = self._copy_job(series_name, task_id, outcome, job_message, seen)
-        if outcome != JobOutcome.RUNNING and copied:
-            self.jobs_copied.add(job["metadata"]["name"])
-        return series
-
-    def _copy_job(self, series_name: str, task_id: str, outcome: JobOutcome, job_message: str,
-                  seen: dict | None) -> tuple[str | None, bool]:
-        """(the series to look at again, whether its status now says what the Job says)"""
         record = read_task(self.storage, task_id)
         phase, message = task_phase_from_job(outcome, job_message, record)
         report = TaskReport(phase, message, record.inference_uid if record else None,
                             record.errors if record else None)
+        name = job["metadata"]["name"]
+        if self.job_reports.get(name) == report:
+            return None
+        series, copied = self._copy_job(series_name, task_id, report, record, seen)
+        if copied and outcome != JobOutcome.RUNNING:
+            self.jobs_copied.add(name)
+            self.job_reports.pop(name, None)
+        elif copied:
+            self.job_reports[name] = report
+        return series
+
+    def _copy_job(self, series_name: str, task_id: str, report: TaskReport, record: TaskState | None,
+                  seen: dict | None) -> tuple[str | None, bool]:
+        """(the series to look at again, whether its status now says what the Job says)"""
         if seen is not None and task_change(seen, task_id, report, self.clock()) is None:
             return None, True
         for _ in range(CONFLICT_ATTEMPTS):

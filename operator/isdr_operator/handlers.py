@@ -1,9 +1,11 @@
-"""kopf handlers: thin, they only route watch events to the driver and the scheduler.
+"""kopf handlers: thin, they only route Fingerprint events, start-up, clean-up and the probe.
 
-Only event handlers are used (no change handlers, daemons or timers): kopf then stores nothing on
-the objects and adds no finalizer, so nothing blocks the deletion of a Fingerprint or DicomSeries
-while the operator is down. kopf's peering pauses these handlers' watch streams; the operator's
-own peering gate (isdr_operator.peering) holds back everything else it does.
+DicomSeries and Jobs are watched by the operator itself (isdr_operator.watching): at start-up
+kopf would handle each of thousands of objects at length before one arriving meanwhile. Only
+event handlers are used (no change handlers, daemons or timers): kopf then stores nothing on the
+objects and adds no finalizer, so nothing blocks the deletion of a Fingerprint or DicomSeries
+while the operator is down. kopf's peering pauses the Fingerprint watch; the operator's own
+peering gate (isdr_operator.peering) holds back everything else it does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 
 import kopf
 
-from relay.kube.resources import FINGERPRINT_PLURAL, GROUP, LABEL_MANAGED_BY, MANAGED_BY, SERIES_PLURAL, VERSION
+from relay.kube.resources import FINGERPRINT_PLURAL, GROUP, VERSION
 
 from isdr_operator.runtime import Runtime
 
@@ -49,29 +51,9 @@ STUCK_AFTER_SECONDS = 600.0
 @kopf.on.probe(id="scheduler")
 def scheduler_health(**_) -> dict:
     """Served at --liveness (the chart's livenessProbe); raising makes the probe fail."""
-    return RUNTIME.scheduler.health(stuck_after=STUCK_AFTER_SECONDS)
+    return RUNTIME.health(stuck_after=STUCK_AFTER_SECONDS)
 
 
 @kopf.on.event(GROUP, VERSION, FINGERPRINT_PLURAL)
 async def fingerprint_event(type, body, **_) -> None:  # noqa: A002 - kopf's keyword
     await asyncio.to_thread(RUNTIME.fingerprint_event, type, dict(body))
-
-
-@kopf.on.event(GROUP, VERSION, SERIES_PLURAL)
-async def series_event(type, body, **_) -> None:  # noqa: A002
-    # Only scheduling, from the watched object alone (no API call, in the event loop: thousands
-    # of them at start-up cost no thread hop each); the scheduler steps while this operator is
-    # the active one.
-    RUNTIME.series_event(type, dict(body))
-
-
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def job_event(type, body, name, **_) -> None:  # noqa: A002
-    if type == "DELETED":
-        RUNTIME.driver.job_gone(name)
-        return
-    if not RUNTIME.active:
-        return  # while paused: Runtime.resync() reads every Job when this operator becomes active
-    series = await asyncio.to_thread(RUNTIME.driver.job_changed, dict(body))
-    if series:
-        RUNTIME.scheduler.poke(series)

@@ -1,19 +1,21 @@
 """The operator's long-lived parts, wired together: API, storage, fingerprints, driver, scheduler,
-and the peering gate that lets them act only while this is the one active operator."""
+the watches of DicomSeries and Jobs, and the peering gate that lets them act only while this is
+the one active operator."""
 
 from __future__ import annotations
 
 import logging
 
 from relay.kube.api import KubeApi
-from relay.kube.resources import finished_task_ids, job_series, ready_status, tasks_under_way
+from relay.kube.resources import finished_task_ids, is_receiving, job_series, ready_status, tasks_under_way
 from relay.storage import open_storage
 
 from isdr_operator.driver import SeriesDriver
 from isdr_operator.fingerprints import FingerprintSet, evaluate, ready_condition
 from isdr_operator.peering import Gate
-from isdr_operator.scheduler import Scheduler
+from isdr_operator.scheduler import Scheduler, SchedulerStuck
 from isdr_operator.settings import OperatorSettings
+from isdr_operator.watching import Watch
 
 log = logging.getLogger("isdr_operator")
 
@@ -31,23 +33,38 @@ class Runtime:
         self.gate = gate or Gate.standalone()
         self.gate.on_change(self._gate_changed)
         self.scheduler = Scheduler(self.driver.step, gate=self.gate)
+        self.series_watch = Watch("DicomSeries", api.series_listing, api.watch_series, self.series_event)
+        self.job_watch = Watch("Jobs", api.jobs_listing, api.watch_jobs, self.job_event)
         self._activations = 0
+        self._listed: dict[str, str | None] = {}  # the last resync's listing versions
 
     @property
     def active(self) -> bool:
         return self.gate.is_open
 
     def start(self) -> None:
-        """Start the scheduler and the peering gate; nothing is read or written before the gate
-        opens (at once when standalone)."""
+        """Start the scheduler, the watches and the peering gate; nothing is written before the
+        gate opens (at once when standalone: the watches then go on from the resync's listings)."""
         self.scheduler.start()
         if self.gate.is_open:
             self._gate_changed(True)
+        self.series_watch.start(since=self._listed.get("series"))
+        self.job_watch.start(since=self._listed.get("jobs"))
         self.gate.start()
 
     def stop(self) -> None:
         self.gate.stop()
+        for watch in (self.series_watch, self.job_watch):
+            watch.stop()
         self.scheduler.stop()
+
+    def health(self, stuck_after: float) -> dict:
+        """For the liveness probe: the scheduler's, and whether the watches still run."""
+        health = self.scheduler.health(stuck_after=stuck_after)
+        for watch in (self.series_watch, self.job_watch):
+            if not watch.alive:
+                raise SchedulerStuck(f"the watch of {watch.kind} is not running")
+        return health
 
     def _gate_changed(self, active: bool) -> None:
         if active:
@@ -69,40 +86,56 @@ class Runtime:
         self.fingerprints.loaded.set()
         # What was known of the Jobs may be stale (their watch was paused): the listing says.
         self.driver.forget_jobs()
-        looks: list[tuple[str, float]] = []
+        looks: list[tuple[str, float, bool]] = []
         finished_tasks: set[str] = set()
         running: dict[str, dict] = {}  # the (few) series with tasks under way, as listed
         listed = 0
-        for body in self.api.iter_series():
+        series_listing = self.api.series_listing()
+        for body in series_listing:
             listed += 1
             finished_tasks |= finished_task_ids(body)
             if tasks_under_way(body):
                 running[body["metadata"]["name"]] = body
             delay = self.driver.triage(body)
             if delay is not None:
-                looks.append((body["metadata"]["name"], delay))
-        for job in self.api.iter_jobs():
+                looks.append((body["metadata"]["name"], delay, not is_receiving(body)))
+        jobs_listing = self.api.jobs_listing()
+        for job in jobs_listing:
             series = self.driver.job_listed(job, finished_tasks, running.get(job_series(job)))
             if series:
                 self.scheduler.poke(series, background=True)
-        for name, delay in looks:
-            self.scheduler.poke(name, delay, background=True)
-        now = sum(1 for _, delay in looks if delay <= 0)
+        for name, delay, background in looks:
+            self.scheduler.poke(name, delay, background=background)
+        self._listed = {"series": series_listing.resource_version, "jobs": jobs_listing.resource_version}
+        now = sum(1 for _, delay, _ in looks if delay <= 0)
         log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at now, %d later), "
                  "storage %s", "ready" if self._activations == 1 else "resumed", self.settings.namespace,
                  len(fingerprints), len(self.fingerprints.ready()), listed, now, len(looks) - now,
                  self.storage.describe())
 
     def series_event(self, event_type: str | None, body: dict) -> None:
-        """A DicomSeries watch event: schedule the series' next look, if it needs one. kopf's
-        listing when its watch (re)starts (event type None) is background work; a change is fresh."""
+        """A DicomSeries event (None: listed): schedule the series' next look, if it needs one.
+        A change, or a series still receiving, is fresh work; a listed one that was dispatched
+        or finished is background work."""
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             self.scheduler.forget(name)
             return
         delay = self.driver.triage(body)
         if delay is not None:
-            self.scheduler.poke(name, delay, background=event_type is None)
+            self.scheduler.poke(name, delay, background=event_type is None and not is_receiving(body))
+
+    def job_event(self, event_type: str | None, body: dict) -> None:
+        """A Job event (None: listed): its progress into its series, while this operator is active
+        (resync() reads every Job when it becomes active)."""
+        if event_type == "DELETED":
+            self.driver.job_gone(body["metadata"]["name"])
+            return
+        if not self.active:
+            return
+        series = self.driver.job_changed(body)
+        if series:
+            self.scheduler.poke(series)
 
     def fingerprint_event(self, event_type: str | None, body: dict) -> None:
         if not self.active:

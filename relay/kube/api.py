@@ -9,6 +9,7 @@ kopf keeps its API errors in one place (kopf/_cogs/clients/errors.py):
     ├── NotFound          404: the object (or the resource type: no CRD) is not there
     ├── Conflict          409: the object changed since it was read (a stale resourceVersion)
     │   └── AlreadyExists 409 on a create: someone created it first
+    ├── Expired           410: a watch's resourceVersion is too old: list again
     └── Rejected          any other 4xx: retrying at once will not help (400, 422, ...)
         └── Forbidden     401, 403: the service account may not (check the RBAC rules)
 
@@ -49,6 +50,9 @@ CONFLICT_ATTEMPTS = 5  # read, decide, write guarded by resourceVersion: tries b
 # Objects per page of a listing: thousands of DicomSeries or Jobs are read a page at a time, so
 # that no more than one page is held at once.
 LIST_PAGE = 500
+# A watch ends on the server side after this many seconds and is started again from where it was,
+# so that a connection that died silently (a NAT timeout, an API server restart) is noticed.
+WATCH_SECONDS = 300
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -85,6 +89,10 @@ class AlreadyExists(Conflict):
     """409 on a create: another process created the object first."""
 
 
+class Expired(ApiError):
+    """410 Gone: the resourceVersion a watch started from is too old; list again."""
+
+
 class Rejected(ApiError):
     """The API answered with an error that retrying at once will not fix (400, 422, ...)."""
 
@@ -102,6 +110,8 @@ def error_for(status: int, reason: str) -> ApiError:
         return NotFound(reason, status)
     if status == 409:
         return Conflict(reason, status)
+    if status == 410:
+        return Expired(reason, status)
     if status == 0 or status == 429 or status >= 500:
         return ApiUnavailable(f"HTTP {status}: {reason}" if status else reason, status)
     if status in (401, 403):
@@ -134,6 +144,30 @@ def call(method, *args, timeout=REQUEST_TIMEOUT, **kwargs):
 
 # --- the calls -----------------------------------------------------------------------------------
 
+JOBS_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
+class Listing:
+    """Every item of a listing, read a page (LIST_PAGE) at a time as it is iterated:
+    `read_page(continue_token)` returns one page as a dict. Once iterated, `resource_version` is
+    the listing's version, the one to watch from."""
+
+    def __init__(self, read_page):
+        self._read_page = read_page
+        self.resource_version: str | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        token = None
+        while True:
+            page = self._read_page(token)
+            metadata = page.get("metadata") or {}
+            if self.resource_version is None:
+                self.resource_version = metadata.get("resourceVersion")
+            yield from page["items"]
+            token = metadata.get("continue")
+            if not token:
+                return
+
 
 class KubeApi:
     """ISDR's objects in one namespace: DicomSeries, Fingerprints, Jobs, Events, kopf's peering."""
@@ -165,16 +199,25 @@ class KubeApi:
         return self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
                           **kwargs)["items"]
 
-    def _pages(self, read_page) -> Iterator[dict]:
-        """Every item of a listing, a page (LIST_PAGE) at a time: `read_page(continue_token)`
-        returns one page as a dict."""
-        token = None
-        while True:
-            page = read_page(token)
-            yield from page["items"]
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return
+    def _watch(self, method, *args, since: str, **kwargs) -> Iterator[tuple[str, dict]]:
+        """(event type, object) from resourceVersion `since` on, until the server ends the watch
+        (WATCH_SECONDS). BOOKMARK events carry only the version reached."""
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        stream = watch.Watch()
+        try:
+            for event in stream.stream(method, *args, resource_version=since, timeout_seconds=WATCH_SECONDS,
+                                       allow_watch_bookmarks=True, deserialize=False,
+                                       _request_timeout=(self.timeout, WATCH_SECONDS + self.timeout), **kwargs):
+                yield event["type"], event["object"]
+        except ApiException as exc:
+            raise error_for(exc.status or 0, _message(exc)) from None
+        except (HTTPError, OSError, ValueError) as exc:  # cut short, or a line that is not JSON
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            stream.stop()
 
     def _patch_status(self, plural: str, name: str, status: dict, resource_version: str | None) -> dict:
         """Merge `status` in; with `resource_version`, only if the object is still that version
@@ -190,11 +233,15 @@ class KubeApi:
     def get_series(self, name: str) -> dict | None:
         return self._get(SERIES_PLURAL, name)
 
-    def iter_series(self) -> Iterator[dict]:
+    def series_listing(self) -> "Listing":
         """Every DicomSeries, read a page at a time."""
-        return self._pages(lambda token: self._call(
+        return Listing(lambda token: self._call(
             self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, SERIES_PLURAL,
             limit=LIST_PAGE, **({"_continue": token} if token else {})))
+
+    def watch_series(self, since: str) -> Iterator[tuple[str, dict]]:
+        return self._watch(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                           SERIES_PLURAL, since=since)
 
     def can_list_series(self) -> None:
         """A cheap probe: raises unless DicomSeries can be listed here (CRD installed, RBAC)."""
@@ -248,16 +295,18 @@ class KubeApi:
 
     # --- Jobs ---
 
-    def iter_jobs(self) -> Iterator[dict]:
+    def jobs_listing(self) -> "Listing":
         """The Jobs the operator made (label app.kubernetes.io/managed-by), as plain dicts, read a
         page at a time."""
         def page(token):
-            response = self._call(self.batch.list_namespaced_job, self.namespace,
-                                  label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}", limit=LIST_PAGE,
-                                  _preload_content=False, **({"_continue": token} if token else {}))
+            response = self._call(self.batch.list_namespaced_job, self.namespace, label_selector=JOBS_SELECTOR,
+                                  limit=LIST_PAGE, _preload_content=False, **({"_continue": token} if token else {}))
             return json.loads(response.data)
 
-        return self._pages(page)
+        return Listing(page)
+
+    def watch_jobs(self, since: str) -> Iterator[tuple[str, dict]]:
+        return self._watch(self.batch.list_namespaced_job, self.namespace, label_selector=JOBS_SELECTOR, since=since)
 
     def job_exists(self, name: str) -> bool:
         try:

@@ -309,6 +309,11 @@ def finished_task_ids(body: dict) -> set[str]:
             if task.get("phase") in TERMINAL_TASK_PHASES}
 
 
+def is_receiving(body: dict) -> bool:
+    """Whether the DicomSeries is still receiving (not dispatched since its last instances)."""
+    return (_status(body).get("phase") or SeriesPhase.RECEIVING) == SeriesPhase.RECEIVING
+
+
 def tasks_under_way(body: dict) -> bool:
     """Whether the DicomSeries' status shows a task that has not finished."""
     return any(task.get("phase") not in TERMINAL_TASK_PHASES for task in _status(body).get("tasks") or [])

@@ -86,7 +86,7 @@ def test_finished_series_found_at_start_up_cost_no_call_beyond_the_listing(resta
     # SERIES_RETENTION (a day here), when they are to be forgotten.
     assert runtime.scheduler.pending() == {"fresh": 0, "background": 1, "later": FINISHED}
     # kopf's own listing when its watch starts brings every object once more: still nothing.
-    for body in api.iter_series():
+    for body in api.series_listing():
         runtime.series_event(None, body)
     assert runtime.scheduler.pending() == {"fresh": 0, "background": 1, "later": FINISHED}
     assert not [call for call in api.calls if call[1] == "dicomseries" and not call[0].startswith("list_")]
@@ -115,7 +115,7 @@ def test_a_finished_series_looked_at_anyway_is_read_and_not_written(restarted, k
 
 def test_a_series_that_changes_is_looked_at_before_the_start_up_backlog(restarted):
     runtime, api, dispatched = restarted
-    changed = next(body for body in api.iter_series() if body["metadata"]["name"] != dispatched)
+    changed = next(body for body in api.series_listing() if body["metadata"]["name"] != dispatched)
     changed["status"]["lastReceived"] = to_rfc3339(time.time())  # a late instance, as the receiver says
     runtime.series_event("MODIFIED", changed)
     assert runtime.scheduler.pending() == {"fresh": 1, "background": 1, "later": FINISHED - 1}
