@@ -2,7 +2,7 @@
 
 The operator counts tasks where its driver starts and finishes them (relay.metrics calls in
 driver.py); this module adds what is read at scrape time (series and tasks by phase, from the
-DicomSeries watch events kopf delivers anyway; free storage) and serves the endpoint.
+DicomSeries events of the operator's own watch; free storage) and serves the endpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from relay import metrics
 from relay.config import Settings
-from relay.kube.resources import GROUP, SERIES_PLURAL, VERSION, series_phases
+from relay.kube.resources import series_phases
 
 # kopf logs "Handler 'series_event' succeeded." for every watch event of every object and
 # "Activity 'scheduler' succeeded." for every liveness probe, at INFO (kopf/_core/actions/
@@ -85,20 +85,14 @@ def while_active(source, active: Callable[[], bool]):
     return lambda: source() if active() else iter(())
 
 
-def start(settings: Settings, runtime, kopf_registry=None) -> metrics.MetricsEndpoint | None:
-    """Quiet kopf's success lines, watch series phases and serve /metrics on METRICS_PORT.
+def start(settings: Settings, runtime) -> metrics.MetricsEndpoint | None:
+    """Quiet kopf's success lines, follow series phases and serve /metrics on METRICS_PORT.
 
     Series and tasks by phase are reported by the active operator only: a standby one's view
     may be stale, and two replicas must not count every series twice."""
-    import kopf
-
     quiet_kopf_successes()
     phases = SeriesPhases()
-
-    async def observe_series(type, name, body, **_) -> None:  # noqa: A002 - kopf's keyword
-        phases.observe(type, name, body)
-
-    kopf.on.event(GROUP, VERSION, SERIES_PLURAL, id="metrics", registry=kopf_registry)(observe_series)
+    runtime.series_observers.append(phases.observe)
     return metrics.serve(settings.metrics_port, [
         ActiveCollector(lambda: runtime.active),
         metrics.SeriesCollector(while_active(phases.snapshot, lambda: runtime.active)),

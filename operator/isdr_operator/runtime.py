@@ -5,6 +5,7 @@ the one active operator."""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from relay.kube.api import KubeApi
 from relay.kube.resources import finished_task_ids, is_receiving, job_series, ready_status, tasks_under_way
@@ -37,6 +38,8 @@ class Runtime:
         self.job_watch = Watch("Jobs", api.jobs_listing, api.watch_jobs, self.job_event)
         self._activations = 0
         self._listed: dict[str, str | None] = {}  # the last resync's listing versions
+        # Called with every DicomSeries event and listed object: (event type, name, body).
+        self.series_observers: list[Callable[[str | None, str, dict], None]] = []
 
     @property
     def active(self) -> bool:
@@ -93,6 +96,7 @@ class Runtime:
         series_listing = self.api.series_listing()
         for body in series_listing:
             listed += 1
+            self._observe(None, body)
             finished_tasks |= finished_task_ids(body)
             if tasks_under_way(body):
                 running[body["metadata"]["name"]] = body
@@ -118,12 +122,17 @@ class Runtime:
         A change, or a series still receiving, is fresh work; a listed one that was dispatched
         or finished is background work."""
         name = body["metadata"]["name"]
+        self._observe(event_type, body)
         if event_type == "DELETED":
             self.scheduler.forget(name)
             return
         delay = self.driver.triage(body)
         if delay is not None:
             self.scheduler.poke(name, delay, background=event_type is None and not is_receiving(body))
+
+    def _observe(self, event_type: str | None, body: dict) -> None:
+        for observer in self.series_observers:
+            observer(event_type, body["metadata"]["name"], body)
 
     def job_event(self, event_type: str | None, body: dict) -> None:
         """A Job event (None: listed): its progress into its series, while this operator is active

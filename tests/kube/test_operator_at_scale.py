@@ -17,6 +17,7 @@ from relay.kube.resources import GROUP, VERSION, resource_name, to_rfc3339
 from relay.lifecycle import TaskState, task_id
 from relay.uids import SeriesKey
 from tests.support.dicomseries import CT_IMAGE, create_series, finished_series
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.kube
 
@@ -120,3 +121,30 @@ def test_a_series_that_changes_is_looked_at_before_the_start_up_backlog(restarte
     runtime.series_event("MODIFIED", changed)
     assert runtime.scheduler.pending() == {"fresh": 1, "background": 1, "later": FINISHED - 1}
     assert runtime.scheduler._next() == (changed["metadata"]["name"], False)
+
+
+def test_the_series_watch_lists_once_then_hands_over_every_change_and_deletion(kube_cluster, kube_namespace):
+    from isdr_operator.watching import Watch
+
+    custom = kube_cluster.custom
+    now = time.time()
+    first, _ = finished_series(1, now)
+    create_series(custom, kube_namespace, *finished_series(1, now))
+    api = CountingApi(kube_cluster.api_client, kube_namespace)
+    events: list[tuple[str | None, str]] = []
+    watch = Watch("DicomSeries", api.series_listing, api.watch_series,
+                  lambda kind, body: events.append((kind, body["metadata"]["name"])))
+    watch.start()
+    try:
+        assert watch.listed.wait(30)
+        second, status = finished_series(2, now)
+        create_series(custom, kube_namespace, second, status)
+        custom.delete_namespaced_custom_object(GROUP, VERSION, kube_namespace, "dicomseries",
+                                               first["metadata"]["name"])
+        wait_until(lambda: ("DELETED", first["metadata"]["name"]) in events, 30, "the deletion's event")
+    finally:
+        watch.stop()
+    name = second["metadata"]["name"]
+    assert events == [(None, first["metadata"]["name"]), ("ADDED", name), ("MODIFIED", name),
+                      ("DELETED", first["metadata"]["name"])]
+    assert api.calls == [("list_namespaced_custom_object", "dicomseries")]  # one page; the watch is one request
