@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -216,7 +217,8 @@ class Bench:
         self.namespace = self.cluster.create_namespace("bench")
         self.env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "INCOMING_DIR": str(work / "data"),
                     "POD_NAMESPACE": self.namespace, "SERIES_RETENTION": "86400", "LOG_LEVEL": "INFO",
-                    "POST_AFTER": str(args.post_after), "SCP_AE_TITLE": "ISDR", "JOB_IMAGE": "isdr:bench"}
+                    "POST_AFTER": str(args.post_after), "SCP_AE_TITLE": "ISDR", "JOB_IMAGE": "isdr:bench",
+                    "METRICS_PORT": "0", "HEALTH_PORT": "0"}  # no fixed ports: others run tests meanwhile
         self.operator: ManagedProcess | None = None
         self.starts = 0
         self.scp: ManagedProcess | None = None
@@ -280,6 +282,7 @@ def main() -> int:
     parser.add_argument("--fresh", type=int, default=5, help="series sent during a restart, 3 s apart (default 5)")
     parser.add_argument("--post-after", type=float, default=2.0, help="POST_AFTER of the relay (default 2)")
     parser.add_argument("--code", help="run the operator from this checkout (e.g. /work/main) instead of this one")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, storage) at the end")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="isdr-bench-operator-"))
     plane = ControlPlane(assets_dir(), work)
@@ -348,6 +351,10 @@ def main() -> int:
         if bench is not None:
             bench.stop()
         plane.stop()
+        if args.keep:
+            print(f"logs and storage kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from relay.kube.api import KubeApi
+from relay.kube.api import KubeApi, Listing
 from relay.kube.resources import finished_task_ids, is_receiving, job_series, ready_status, tasks_under_way
 from relay.storage import open_storage
 
@@ -79,7 +79,8 @@ class Runtime:
 
         The series are read first, a page at a time, and triaged from what the listing shows:
         a finished series needs no look, and the Jobs of its finished tasks are not read again.
-        The ones that do need a look wait in the scheduler's background, behind fresh work."""
+        One still receiving is scheduled at once, as fresh work, while the listing goes on; the
+        others that need a look wait in the scheduler's background, behind fresh work."""
         self._activations += 1
         # Fingerprints first: a complete series looked at before they are known would be
         # taken for unmatched and deleted.
@@ -89,32 +90,25 @@ class Runtime:
         self.fingerprints.loaded.set()
         # What was known of the Jobs may be stale (their watch was paused): the listing says.
         self.driver.forget_jobs()
-        looks: list[tuple[str, float, bool]] = []
-        finished_tasks: set[str] = set()
-        running: dict[str, dict] = {}  # the (few) series with tasks under way, as listed
-        listed = 0
-        series_listing = self.api.series_listing()
-        for body in series_listing:
-            listed += 1
+        listing = SeriesListing(self.api.series_listing())
+        for body in listing.bodies:
             self._observe(None, body)
-            finished_tasks |= finished_task_ids(body)
-            if tasks_under_way(body):
-                running[body["metadata"]["name"]] = body
             delay = self.driver.triage(body)
-            if delay is not None:
-                looks.append((body["metadata"]["name"], delay, not is_receiving(body)))
+            if delay is not None and is_receiving(body):
+                self.scheduler.poke(body["metadata"]["name"], delay)
+            listing.note(body, delay)
         jobs_listing = self.api.jobs_listing()
         for job in jobs_listing:
-            series = self.driver.job_listed(job, finished_tasks, running.get(job_series(job)))
+            series = self.driver.job_listed(job, listing.finished_tasks, listing.running.get(job_series(job)))
             if series:
                 self.scheduler.poke(series, background=True)
-        for name, delay, background in looks:
-            self.scheduler.poke(name, delay, background=background)
-        self._listed = {"series": series_listing.resource_version, "jobs": jobs_listing.resource_version}
-        now = sum(1 for _, delay, _ in looks if delay <= 0)
+        for name, delay in listing.background:
+            self.scheduler.poke(name, delay, background=True)
+        self._listed = {"series": listing.resource_version, "jobs": jobs_listing.resource_version}
+        due = sum(1 for delay in listing.delays if delay <= 0.05)
         log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at now, %d later), "
                  "storage %s", "ready" if self._activations == 1 else "resumed", self.settings.namespace,
-                 len(fingerprints), len(self.fingerprints.ready()), listed, now, len(looks) - now,
+                 len(fingerprints), len(self.fingerprints.ready()), listing.count, due, len(listing.delays) - due,
                  self.storage.describe())
 
     def series_event(self, event_type: str | None, body: dict) -> None:
@@ -170,3 +164,36 @@ class Runtime:
         else:
             log.warning("fingerprint %s not Ready (%s): %s", name, evaluation.reason, evaluation.message)
             self.api.event(body, evaluation.reason, evaluation.message, warning=True)
+
+
+class SeriesListing:
+    """What a resync keeps of the DicomSeries it lists (one page of bodies at a time): the tasks
+    that finished (their Jobs are not read again), the series with tasks under way (to compare
+    their Jobs with), and when each series that is not receiving needs a look."""
+
+    def __init__(self, listing: Listing):
+        self._listing = listing
+        self.count = 0
+        self.finished_tasks: set[str] = set()
+        self.running: dict[str, dict] = {}
+        self.background: list[tuple[str, float]] = []
+        self.delays: list[float] = []
+
+    @property
+    def bodies(self):
+        return iter(self._listing)
+
+    @property
+    def resource_version(self) -> str | None:
+        return self._listing.resource_version
+
+    def note(self, body: dict, delay: float | None) -> None:
+        self.count += 1
+        self.finished_tasks |= finished_task_ids(body)
+        if tasks_under_way(body):
+            self.running[body["metadata"]["name"]] = body
+        if delay is None:
+            return
+        self.delays.append(delay)
+        if not is_receiving(body):
+            self.background.append((body["metadata"]["name"], delay))
