@@ -208,10 +208,12 @@ class KubeApi:
 
         stream = watch.Watch()
         try:
+            # (deserialize=False would spare making models of Jobs, but the client then fails on
+            # the ERROR event that says the version expired, instead of raising a 410.)
             for event in stream.stream(method, *args, resource_version=since, timeout_seconds=WATCH_SECONDS,
-                                       allow_watch_bookmarks=True, deserialize=False,
+                                       allow_watch_bookmarks=True,
                                        _request_timeout=(self.timeout, WATCH_SECONDS + self.timeout), **kwargs):
-                yield event["type"], event["object"]
+                yield event["type"], event["raw_object"]
         except ApiException as exc:
             raise error_for(exc.status or 0, _message(exc)) from None
         except (HTTPError, OSError, ValueError) as exc:  # cut short, or a line that is not JSON

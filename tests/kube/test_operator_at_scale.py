@@ -148,3 +148,24 @@ def test_the_series_watch_lists_once_then_hands_over_every_change_and_deletion(k
     assert events == [(None, first["metadata"]["name"]), ("ADDED", name), ("MODIFIED", name),
                       ("DELETED", first["metadata"]["name"])]
     assert api.calls == [("list_namespaced_custom_object", "dicomseries")]  # one page; the watch is one request
+
+
+def test_a_watch_whose_version_expired_lists_again(kube_cluster, kube_namespace, caplog):
+    """Version 1 is older than anything the API server keeps for DicomSeries (their CRD was
+    installed long after): it answers 410 Gone, and the watch starts over with a listing."""
+    from isdr_operator.watching import Watch
+
+    body, status = finished_series(1, time.time())
+    create_series(kube_cluster.custom, kube_namespace, body, status)
+    api = CountingApi(kube_cluster.api_client, kube_namespace)
+    events: list[tuple[str | None, str]] = []
+    watch = Watch("DicomSeries", api.series_listing, api.watch_series,
+                  lambda kind, body: events.append((kind, body["metadata"]["name"])))
+    with caplog.at_level("INFO", logger="isdr_operator.watching"):
+        watch.start(since="1")
+        try:
+            wait_until(lambda: events, 30, "the listing after the expired version")
+        finally:
+            watch.stop()
+    assert events == [(None, body["metadata"]["name"])]
+    assert "the watch's version expired; listing them again" in caplog.text
