@@ -116,7 +116,7 @@ class SeriesDriver:
         if body["metadata"].get("deletionTimestamp") or not has_received(body):
             return None
         state = series_state(body)
-        if self._jobs_to_create(state):
+        if state.phase == SeriesPhase.DISPATCHED and self._jobs_to_create(state):
             return 0.0
         step = next_step(state, self.fingerprints.ready(), self.clock(), self.rules, matching_fingerprints)
         if isinstance(step, Wait):

@@ -38,6 +38,8 @@ class Runtime:
         self.job_watch = Watch("Jobs", api.jobs_listing, api.watch_jobs, self.job_event)
         self._activations = 0
         self._listed: dict[str, str | None] = {}  # the last resync's listing versions
+        # While a resync lists the series: the ones the watch brought meanwhile (newer than listed).
+        self._watched_while_listing: set[str] | None = None
         # Called with every DicomSeries event and listed object: (event type, name, body).
         self.series_observers: list[Callable[[str | None, str, dict], None]] = []
 
@@ -51,7 +53,8 @@ class Runtime:
         self.scheduler.start()
         if self.gate.is_open:
             self._gate_changed(True)
-        self.series_watch.start(since=self._listed.get("series"))
+        if not self.series_watch.started:
+            self.series_watch.start(since=self._listed.get("series"))
         self.job_watch.start(since=self._listed.get("jobs"))
         self.gate.start()
 
@@ -91,12 +94,23 @@ class Runtime:
         # What was known of the Jobs may be stale (their watch was paused): the listing says.
         self.driver.forget_jobs()
         listing = SeriesListing(self.api.series_listing())
-        for body in listing.bodies:
-            self._observe(None, body)
-            delay = self.driver.triage(body)
-            if delay is not None and is_receiving(body):
-                self.scheduler.poke(body["metadata"]["name"], delay)
-            listing.note(body, delay)
+        self._watched_while_listing = set()
+        try:
+            for body in listing.bodies:
+                if not self.series_watch.started:
+                    # At the first start the watch follows from this listing's version at once (it is
+                    # known from the first page on): a series arriving during a long listing is not
+                    # held back by it.
+                    self.series_watch.start(since=listing.resource_version)
+                if body["metadata"]["name"] in self._watched_while_listing:
+                    continue  # the watch brought a newer version already
+                self._observe(None, body)
+                delay = self.driver.triage(body)
+                if delay is not None and is_receiving(body):
+                    self.scheduler.poke(body["metadata"]["name"], delay)
+                listing.note(body, delay)
+        finally:
+            self._watched_while_listing = None
         jobs_listing = self.api.jobs_listing()
         for job in jobs_listing:
             series = self.driver.job_listed(job, listing.finished_tasks, listing.running.get(job_series(job)))
@@ -116,6 +130,9 @@ class Runtime:
         A change, or a series still receiving, is fresh work; a listed one that was dispatched
         or finished is background work."""
         name = body["metadata"]["name"]
+        watched_while_listing = self._watched_while_listing
+        if watched_while_listing is not None and event_type is not None:
+            watched_while_listing.add(name)
         self._observe(event_type, body)
         if event_type == "DELETED":
             self.scheduler.forget(name)

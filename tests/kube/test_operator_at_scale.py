@@ -78,7 +78,8 @@ def restarted(kube_cluster, kube_namespace, tmp_path):
     api = CountingApi(kube_cluster.api_client, kube_namespace)
     runtime = Runtime(api, settings)
     runtime.resync()
-    return runtime, api, series["metadata"]["name"]
+    yield runtime, api, series["metadata"]["name"]
+    runtime.stop()
 
 
 def test_finished_series_found_at_start_up_cost_no_call_beyond_the_listing(restarted):
