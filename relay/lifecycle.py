@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Callable, Iterable, Sequence
 
+from relay.fingerprints.matching import study_entry
 from relay.fingerprints.model import Fingerprint, SeriesAttributes
 from relay.uids import SeriesKey
 
@@ -50,6 +51,7 @@ class SeriesPhase(StrEnum):
 
 
 class TaskPhase(StrEnum):
+    WAITING = "Waiting"  # a series' share in a study task, waiting for the study's other series
     PENDING = "Pending"  # created, nothing sent yet
     SUBMITTING = "Submitting"  # a submit is under way; its outcome is unknown until the uid is recorded
     RUNNING = "Running"  # accepted by the InferenceServer (uid recorded), being polled
@@ -89,6 +91,9 @@ class TaskState:
     errors: dict[str, int] = field(default_factory=dict)
     message: str = ""
     updated_at: float = 0.0
+    # A study-level fingerprint's task: the entry of spec.study.series this series fills ("" for
+    # a series-level task). Every series of the study carries the study task, with the same id.
+    entry: str = ""
 
     @property
     def finished(self) -> bool:
@@ -180,6 +185,9 @@ class Dispatch:
     fingerprints: tuple[str, ...]
     generation: int
     instances: tuple[str, ...]  # every stored instance, all sent by each task of this generation
+    # Study-level fingerprints among `fingerprints` -> the entry the series fills: their tasks
+    # wait for the study's other series (study_step) instead of running at once.
+    entries: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -295,8 +303,11 @@ def _receiving(series, fingerprints, now, rules, matcher) -> Step:
         return Forget(delete=())  # nothing stored (deleted by hand?): nothing to run
     matches = matcher(fingerprints, series.attributes)
     if matches:
+        entries = tuple(sorted((fp.name, entry) for fp in matches
+                               if (entry := study_entry(fp, series.attributes)) is not None))
         return Dispatch(fingerprints=tuple(sorted(fp.name for fp in matches)),
-                        generation=series.generation + 1, instances=tuple(sorted(series.received)))
+                        generation=series.generation + 1, instances=tuple(sorted(series.received)),
+                        entries=entries)
     if series.tasks:
         # Re-opened, but no fingerprint matches any more: its earlier tasks decide its end, and
         # the instances that re-opened it are kept like ignored late ones.
@@ -347,15 +358,21 @@ def _forget_at(series: SeriesState, rules: Rules) -> float | None:
 
 
 def apply_dispatch(series: SeriesState, step: Dispatch, now: float) -> SeriesState:
-    """One new Pending task per fingerprint, sending `step.instances`."""
+    """One new Pending task per series-level fingerprint, sending `step.instances`; one Waiting
+    share per study-level one (it replaces a share of the same fingerprint still waiting: the
+    series is sent once, with all its instances)."""
+    entries = dict(step.entries)
     new_tasks = tuple(
         TaskState(task_id=task_id(series.key, name, step.generation), fingerprint=name,
-                  generation=step.generation, updated_at=now)
+                  generation=step.generation, updated_at=now, entry=entries.get(name, ""),
+                  phase=TaskPhase.WAITING if name in entries else TaskPhase.PENDING)
         for name in step.fingerprints
     )
+    kept = tuple(task for task in series.tasks
+                 if not (task.phase == TaskPhase.WAITING and task.fingerprint in entries))
     return replace(series, phase=SeriesPhase.DISPATCHED, generation=step.generation,
                    dispatches=series.dispatches + (Dispatched(step.generation, step.instances, now),),
-                   tasks=series.tasks + new_tasks, arrivals_seen=series.last_received,
+                   tasks=kept + new_tasks, arrivals_seen=series.last_received,
                    late_instances=0, finished_at=None, cleaned=False)
 
 
@@ -418,6 +435,152 @@ def progress(tasks: Iterable[TaskState]) -> str:
     latest = max(task.generation for task in tasks)
     current = [task for task in tasks if task.generation == latest]
     return f"{sum(task.phase == TaskPhase.SUCCEEDED for task in current)}/{len(current)}"
+
+
+# --- Studies: the series of one study, posted together by a study-level fingerprint -----------
+#
+# A series that fills an entry of a study-level fingerprint takes, when it is dispatched, a
+# Waiting share in the study's task (apply_dispatch). The study decision looks at every share of
+# one (study, fingerprint): once every entry has a series, or `timeoutSeconds` after the first
+# share was taken, the waiting shares become one task (StartStudy: one id, one record of what it
+# sends, Pending on every series) or fail together (FailStudy, onTimeout: fail). From then on each
+# series follows its own life cycle: it finishes when its tasks do, late instances re-open it, and
+# its next dispatch takes a new share, which waits for the study's next task.
+
+
+@dataclass(frozen=True)
+class StudyShare:
+    """One series' share in a study task, as the study decision sees it."""
+
+    key: SeriesKey
+    task: TaskState
+    since: float  # when the series was complete and took the share (its dispatch's time)
+    instances: tuple[str, ...]  # what the series' dispatch sent
+
+
+@dataclass(frozen=True)
+class StudyPart:
+    """One series of a study task: the folder it is posted in (its entry's name; `-2`, `-3` when
+    several series fill one entry), and the instances its dispatch `generation` sent."""
+
+    folder: str
+    key: SeriesKey
+    generation: int
+    instances: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StartStudy:
+    """Post the study: record `parts` under `task_id` (first: the task's own record of what it
+    sends), then make each share in `shares` ((series, its share's task id)) Pending as `task_id`."""
+
+    task_id: str
+    parts: tuple[StudyPart, ...]
+    shares: tuple[tuple[SeriesKey, str], ...]
+    missing: tuple[str, ...] = ()  # entries without a series (onTimeout: run)
+    joined: bool = False  # the task was started before (a crash in between): only the shares change
+
+
+@dataclass(frozen=True)
+class FailStudy:
+    """The study's missing series did not come in time (onTimeout: fail): its shares fail."""
+
+    shares: tuple[tuple[SeriesKey, str], ...]
+    message: str
+
+
+StudyStep = Wait | StartStudy | FailStudy
+
+
+def study_shares(members: Iterable[SeriesState], fingerprint: str) -> list[StudyShare]:
+    """Every share of `fingerprint` that the series of one study hold, waiting or not."""
+    shares = []
+    for series in members:
+        for task in series.tasks:
+            if task.entry and task.fingerprint == fingerprint:
+                at = next((d.at for d in series.dispatches if d.generation == task.generation), task.updated_at)
+                shares.append(StudyShare(series.key, task, at, series.instances_of(task.generation)))
+    return shares
+
+
+def study_step(fingerprint: Fingerprint | None, study_uid: str, shares: Sequence[StudyShare], now: float,
+               started: dict[str, tuple[StudyPart, ...]] | None = None) -> StudyStep:
+    """What the waiting shares of one (study, study-level fingerprint) do now (`fingerprint`
+    None: it was deleted meanwhile).
+
+    `started`: the recorded parts of the study's tasks already started (by task id), for a share
+    whose task was started but that was not told yet (a driver stopped in between)."""
+    waiting = [share for share in shares if share.task.phase == TaskPhase.WAITING]
+    if not waiting:
+        return Wait()
+    for recorded_id, parts in (started or {}).items():
+        recorded = {(part.key, part.generation) for part in parts}
+        joining = [share for share in waiting if (share.key, share.task.generation) in recorded]
+        if joining:
+            return StartStudy(task_id=recorded_id, parts=parts, joined=True,
+                              shares=tuple((share.key, share.task.task_id) for share in joining))
+    if fingerprint is None or fingerprint.study is None:  # nothing to wait for any more
+        what = "no longer exists" if fingerprint is None else "is no longer study-level"
+        return FailStudy(_share_ids(waiting), f"fingerprint {waiting[0].task.fingerprint} {what}")
+    study = fingerprint.study
+    filled = {share.task.entry for share in waiting}
+    missing = tuple(name for name in study.names if name not in filled)
+    first = min(share.since for share in waiting)
+    deadline = first + study.timeout_seconds
+    if missing and now < deadline:
+        return Wait(until=deadline)
+    if missing and study.on_timeout == "fail":
+        return FailStudy(_share_ids(waiting), f"study incomplete {study.timeout_seconds:.0f}s after its first "
+                         f"series: no series for {', '.join(missing)} (onTimeout: fail)")
+    earlier = {share.task.task_id for share in shares if share.task.phase != TaskPhase.WAITING}
+    return StartStudy(task_id=study_task_id(study_uid, fingerprint.name, len(earlier) + 1),
+                      parts=_parts(study.names, waiting), shares=_share_ids(waiting), missing=missing)
+
+
+def _share_ids(shares: Iterable[StudyShare]) -> tuple[tuple[SeriesKey, str], ...]:
+    return tuple(sorted((share.key, share.task.task_id) for share in shares))
+
+
+def _parts(names: Sequence[str], waiting: Sequence[StudyShare]) -> tuple[StudyPart, ...]:
+    """The waiting shares as parts, in the entries' order; a second series of one entry is
+    posted too, in `<entry>-2` (nothing received is left out; the model picks)."""
+    order = {name: index for index, name in enumerate(names)}
+    parts, used = [], {}
+    for share in sorted(waiting, key=lambda s: (order.get(s.task.entry, len(order)), s.since, s.key)):
+        used[share.task.entry] = used.get(share.task.entry, 0) + 1
+        count = used[share.task.entry]
+        folder = share.task.entry if count == 1 else f"{share.task.entry}-{count}"
+        parts.append(StudyPart(folder, share.key, share.task.generation, share.instances))
+    return tuple(parts)
+
+
+def apply_start_study(series: SeriesState, step: StartStudy, now: float) -> SeriesState:
+    """The series' shares of `step` become the study task, Pending."""
+    mine = {old for key, old in step.shares if key == series.key}
+    tasks = tuple(replace(task, task_id=step.task_id, phase=TaskPhase.PENDING, updated_at=now)
+                  if task.task_id in mine else task for task in series.tasks)
+    return replace(series, tasks=tasks)
+
+
+def apply_fail_study(series: SeriesState, step: FailStudy, now: float) -> SeriesState:
+    mine = {old for key, old in step.shares if key == series.key}
+    tasks = tuple(replace(task, phase=TaskPhase.FAILED, message=step.message, updated_at=now)
+                  if task.task_id in mine else task for task in series.tasks)
+    return replace(series, tasks=tasks)
+
+
+def study_note(step: StartStudy) -> str:
+    """What a driver says when a study task starts."""
+    folders = ", ".join(f"{part.folder} ({len(part.instances)} instances)" for part in step.parts)
+    missing = f"; posted without {', '.join(step.missing)} (onTimeout: run)" if step.missing else ""
+    return f"study task {step.task_id}: {folders}{missing}"
+
+
+def study_task_id(study_uid: str, fingerprint: str, number: int) -> str:
+    """The id of a study's `number`th task for a fingerprint (a DNS-1123 label, like task_id)."""
+    digest = hashlib.sha256(f"study|{study_uid}|{fingerprint}|{number}".encode()).hexdigest()[:10]
+    stem = _NOT_LABEL.sub("-", fingerprint.lower()).strip("-")[:40].strip("-") or "task"
+    return f"{stem}-{digest}-s{number}"
 
 
 # --- One task ----------------------------------------------------------------------------------

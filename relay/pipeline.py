@@ -49,6 +49,7 @@ from relay.inference.client import (
 )
 from relay.inference.polling import PollPolicy, WaitStopped, wait_for_outputs
 from relay.lifecycle import (
+    StudyPart,
     SubmitDecision,
     TaskPhase,
     TaskState,
@@ -117,6 +118,18 @@ class TaskSpec:
     generation: int
     instance_uids: tuple[str, ...]
     fingerprint: Fingerprint
+    # A study task: its series, each posted in a folder of its own (relay.lifecycle.StudyPart).
+    # Empty for a series-level task: `series` with `instance_uids`, in a folder named by its UIDs.
+    parts: tuple[StudyPart, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[StudyPart, ...]:
+        return self.parts or (StudyPart(self.series.slug, self.series, self.generation, self.instance_uids),)
+
+    def describe(self) -> str:
+        if not self.parts:
+            return f"series {self.series.series_uid}"
+        return "study task with " + ", ".join(f"{part.folder} (series {part.key.series_uid})" for part in self.parts)
 
 
 @dataclass(frozen=True)
@@ -291,9 +304,8 @@ class TaskRunner:
         decision = submit_decision(state)
         if decision == SubmitDecision.GIVE_UP:
             raise SubmitGivenUp(give_up_message(state))
-        files = self._fetch(spec, work / "input" / spec.series.slug)
-        archive = build_input_archive(client.archive_format(), {spec.series.slug: files},
-                                      work / f"input.{client.archive_format()}")
+        inputs = {part.folder: self._fetch(spec, part, work / "input" / part.folder) for part in spec.inputs}
+        archive = build_input_archive(client.archive_format(), inputs, work / f"input.{client.archive_format()}")
         server = spec.fingerprint.inference_server
         recorded = _RecordedSubmits(client, self, state)
         while True:
@@ -319,25 +331,26 @@ class TaskRunner:
         # Recorded before anything else: from here on the task is polled, never submitted again.
         state = self._record(recorded.state, phase=TaskPhase.RUNNING, inference_uid=uid,
                              submitted_at=time.time())
-        self.say(f"submitted {len(files)} instances of series {spec.series.series_uid} (dispatch "
+        sent = sum(len(files) for files in inputs.values())
+        self.say(f"submitted {sent} instances of {spec.describe()} (dispatch "
                  f"#{spec.generation}) to model {server.model} at {server.url} as task {uid}")
         archive.unlink(missing_ok=True)
         return state
 
-    def _fetch(self, spec: TaskSpec, folder: Path) -> list[Path]:
+    def _fetch(self, spec: TaskSpec, part: StudyPart, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         files = []
-        for uid in spec.instance_uids:
+        for uid in part.instances:
             target = folder / f"{uid}.dcm"
             try:
-                self.storage.download(spec.series.instance_key(uid), target)
+                self.storage.download(part.key.instance_key(uid), target)
             except KeyError:
                 self.say(f"instance {uid} is no longer in storage; sending the series without it")
                 continue
             files.append(target)
         if not files:
-            raise DeliveryFailed("none of the series' instances is in storage any more")
-        self.say(f"fetched {len(files)} instances of series {spec.series.series_uid}")
+            raise DeliveryFailed(f"none of series {part.key.series_uid}'s instances is in storage any more")
+        self.say(f"fetched {len(files)} instances of series {part.key.series_uid}")
         return files
 
     def _poll_policy(self, fingerprint: Fingerprint) -> PollPolicy:

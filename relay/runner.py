@@ -58,7 +58,8 @@ from relay.pipeline import (
     sweep_work_folders,
 )
 from relay.registry import SeriesRegistry
-from relay.state_store import SeriesStore, StateWrites, TaskStore
+from relay.state_store import SeriesStore, StateWrites, StudyStore, TaskStore
+from relay.studies import StudyScheduler
 from relay.storage import Storage, open_storage
 from relay.storage.instances import stored_instances, stored_series
 from relay.storage.local import LocalStorage
@@ -126,6 +127,7 @@ class Relay:
         self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
+        self.studies = StudyScheduler(self.storage, self.registry, self._persist, self._ensure_running)
 
     # --- start and stop ---
 
@@ -214,6 +216,7 @@ class Relay:
                 self.look_at(key, fingerprints, now)
             except Exception:  # one bad series must not stop the others
                 log.exception("series %s: its next step failed; it is looked at again", key.series_uid)
+        self.studies.tick(fingerprints, now)
 
     def look_at(self, key: SeriesKey, fingerprints, now: float) -> None:
         for _ in range(CONFLICT_ATTEMPTS):
@@ -252,6 +255,8 @@ class Relay:
                 log.warning("series %s: %s", uid, forget_note(step))
             for task in state.tasks:
                 TaskStore(self.storage, task.task_id).delete()
+                if task.entry:
+                    StudyStore(self.storage).delete(task.task_id)
             self.series_store.delete(key)
             self._unsaved.discard(key)
             log.info("series %s forgotten", uid)
@@ -312,7 +317,8 @@ class Relay:
             return 0
         started = 0
         for task in series.tasks:
-            if task.needs_work and self._start_task(series.key, task):
+            # (a study's share waits for its study's decision: relay.studies)
+            if task.needs_work and task.phase != TaskPhase.WAITING and self._start_task(series.key, task):
                 started += 1
         return started
 
@@ -341,13 +347,20 @@ class Relay:
             if task is None:
                 return
             instances = series.instances_of(task.generation)
+            parts = StudyStore(self.storage).load(task_id) if task.entry else ()
+            if parts is None:
+                raise RuntimeError(f"the record of study task {task_id} is missing")
+            if parts:
+                instances = tuple(uid for part in parts for uid in part.instances)
             store = TaskStore(self.storage, task_id)
+            members = sorted({key} | {part.key for part in parts})
 
             def save(state: TaskState) -> None:
                 if not self.writes.until_done(lambda: store.save(state, instances), f"task {task_id}",
                                               self._stop.is_set, self._stop.wait):
                     raise Interrupted()
-                self.registry.task_changed(key, state)
+                for member in members:  # a study task: every series of it carries it
+                    self.registry.task_changed(member, state)
 
             fingerprint = self.fingerprints.by_name(task.fingerprint)
             if fingerprint is None:
@@ -362,7 +375,7 @@ class Relay:
                     metrics.task_finished(task_id, task.fingerprint, TaskPhase.FAILED)
                 return
             spec = TaskSpec(task_id=task_id, series=key, generation=task.generation, instance_uids=instances,
-                            fingerprint=fingerprint)
+                            fingerprint=fingerprint, parts=parts)
             runner = TaskRunner(self.storage, self.pipeline_settings, save=save, say=say, warn=warn,
                                 work_root=self.settings.task_work_root, should_stop=self._stop.is_set)
             was_finished = task.finished

@@ -8,6 +8,8 @@
   submitting again.
 - state/dispatches/<series>/<generation>.json: what one dispatch sent (Kubernetes: the
   DicomSeries cannot hold thousands of UIDs; the Job reads its instances from here).
+- state/studies/<task id>.json: what one study task sends (both modes): its series, the folder
+  each is posted in and their instances, written before any series is told it belongs to it.
 
 Counts and times in these documents are caches; what is stored under series/ is the truth, and a
 restart reconciles from it. Every write goes through StateWrites, which says at ERROR when
@@ -24,7 +26,7 @@ from dataclasses import asdict, fields
 from typing import Callable
 
 from relay.fingerprints.model import SeriesAttributes
-from relay.lifecycle import Dispatched, SeriesPhase, SeriesState, TaskPhase, TaskState
+from relay.lifecycle import Dispatched, SeriesPhase, SeriesState, StudyPart, TaskPhase, TaskState
 from relay.storage.base import Storage, StorageError
 from relay.uids import SeriesKey
 
@@ -33,6 +35,7 @@ log = logging.getLogger("relay.state")
 PREFIX = "state/series/"
 TASK_PREFIX = "state/tasks/"
 DISPATCH_PREFIX = "state/dispatches/"
+STUDY_PREFIX = "state/studies/"
 FORMAT_VERSION = 2
 
 
@@ -171,6 +174,37 @@ class DispatchStore:
 
     def delete_all(self, key: SeriesKey) -> None:
         self.storage.delete_prefix(self._prefix(key))
+
+
+# --- study tasks (both modes) ---------------------------------------------------------------------
+
+
+class StudyStore:
+    """What each study task sends: its parts, recorded before the task is started (StartStudy)."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @staticmethod
+    def _key(task_id: str) -> str:
+        return f"{STUDY_PREFIX}{task_id}.json"
+
+    def save(self, task_id: str, parts: tuple[StudyPart, ...]) -> None:
+        document = {"task_id": task_id, "parts": [
+            {"folder": part.folder, "key": {"series_uid": part.key.series_uid, "sop_class_uid": part.key.sop_class_uid},
+             "generation": part.generation, "instances": list(part.instances)} for part in parts]}
+        self.storage.put_state(self._key(task_id), json.dumps(document).encode())
+
+    def load(self, task_id: str) -> tuple[StudyPart, ...] | None:
+        try:
+            data = json.loads(self.storage.get(self._key(task_id)))
+        except KeyError:
+            return None
+        return tuple(StudyPart(part["folder"], SeriesKey(**part["key"]), int(part["generation"]),
+                               tuple(part["instances"])) for part in data["parts"])
+
+    def delete(self, task_id: str) -> None:
+        self.storage.delete([self._key(task_id)])
 
 
 # --- series (isdr run) ----------------------------------------------------------------------------

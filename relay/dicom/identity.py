@@ -66,6 +66,7 @@ def identify(values: dict[int, bytes]) -> InstanceIdentity:
             sop_class_uid=sop_class_uid,
             series_description=_text(values, SERIES_DESCRIPTION),
             study_description=_text(values, STUDY_DESCRIPTION),
+            study_uid=study_uid or "",
         ),
     )
 

@@ -23,6 +23,8 @@ from relay.fingerprints.model import (
     Fingerprint,
     InferenceServerRef,
     MatchRules,
+    StudyRules,
+    StudySeries,
 )
 from relay.fingerprints.schema import FieldIssue, FieldPath, prepare, validate_manifest
 
@@ -126,6 +128,20 @@ def _seconds(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _match_rules(match: Mapping[str, Any]) -> MatchRules:
+    return MatchRules(**{attr: match.get(key, "") for attr, key, _ in MATCH_FIELDS})
+
+
+def _study_rules(study: Mapping[str, Any] | None) -> StudyRules | None:
+    if study is None:
+        return None
+    return StudyRules(
+        series=tuple(StudySeries(name=entry["name"], match=_match_rules(entry["match"])) for entry in study["series"]),
+        timeout_seconds=float(study["timeoutSeconds"]),
+        on_timeout=study["onTimeout"],
+    )
+
+
 def _build(manifest: Mapping[str, Any], source: str) -> Fingerprint:
     spec = manifest["spec"]
     match = spec.get("match", {})
@@ -133,7 +149,7 @@ def _build(manifest: Mapping[str, Any], source: str) -> Fingerprint:
     ca = server.get("caBundle", {})
     return Fingerprint(
         name=manifest["metadata"]["name"],
-        match=MatchRules(**{attr: match.get(key, "") for attr, key, _ in MATCH_FIELDS}),
+        match=_match_rules(match),
         inference_server=InferenceServerRef(
             url=server["url"],
             model=server["model"],
@@ -149,6 +165,7 @@ def _build(manifest: Mapping[str, Any], source: str) -> Fingerprint:
             for d in spec["destinations"]
         ),
         source=source,
+        study=_study_rules(spec.get("study")),
     )
 
 
@@ -194,9 +211,13 @@ def _destination_spec(destination: Destination) -> dict[str, Any]:
 
 def fingerprint_issues(fp: Fingerprint) -> list[FieldIssue]:
     """What makes a structurally valid fingerprint unusable (today: expressions that do not compile)."""
+    rules: list[tuple[FieldPath, MatchRules]] = [(("spec", "match"), fp.match)]
+    if fp.study is not None:
+        rules += [(("spec", "study", "series", i, "match"), entry.match) for i, entry in enumerate(fp.study.series)]
     return [
-        FieldIssue(("spec", "match", MANIFEST_MATCH_KEY[problem.field]), problem.describe())
-        for problem in regex_problems(fp.match)
+        FieldIssue(prefix + (MANIFEST_MATCH_KEY[problem.field],), problem.describe())
+        for prefix, match in rules
+        for problem in regex_problems(match)
     ]
 
 
@@ -216,7 +237,14 @@ def _regex_issues(match: Any, key_of: Mapping[str, str], prefix: FieldPath) -> l
 def manifest_regex_issues(manifest: Any) -> list[FieldIssue]:
     spec = manifest.get("spec") if isinstance(manifest, Mapping) else None
     match = spec.get("match") if isinstance(spec, Mapping) else None
-    return _regex_issues(match, MANIFEST_MATCH_KEY, ("spec", "match"))
+    issues = _regex_issues(match, MANIFEST_MATCH_KEY, ("spec", "match"))
+    study = spec.get("study") if isinstance(spec, Mapping) else None
+    entries = study.get("series") if isinstance(study, Mapping) else None
+    for index, entry in enumerate(entries if isinstance(entries, list) else ()):
+        if isinstance(entry, Mapping):
+            prefix = ("spec", "study", "series", index, "match")
+            issues += _regex_issues(entry.get("match"), MANIFEST_MATCH_KEY, prefix)
+    return issues
 
 
 def seed_regex_issues(seed: Any) -> list[FieldIssue]:
@@ -235,6 +263,18 @@ def _whole(seconds: float) -> int | float:
     return int(seconds) if float(seconds).is_integer() else seconds
 
 
+def _match_spec(match: MatchRules) -> dict[str, str]:
+    return {key: getattr(match, attr) for attr, key, _ in MATCH_FIELDS}
+
+
+def _study_spec(study: StudyRules) -> dict[str, Any]:
+    return {
+        "series": [{"name": entry.name, "match": _match_spec(entry.match)} for entry in study.series],
+        "timeoutSeconds": _whole(study.timeout_seconds),
+        "onTimeout": study.on_timeout,
+    }
+
+
 def fingerprint_to_manifest(fp: Fingerprint) -> dict[str, Any]:
     """The manifest of a fingerprint; optional settings appear only when set."""
     server = fp.inference_server
@@ -248,15 +288,14 @@ def fingerprint_to_manifest(fp: Fingerprint) -> dict[str, Any]:
         server_spec["timeoutSeconds"] = _whole(server.timeout_seconds)
     if server.delete_when_done is not None:
         server_spec["deleteWhenDone"] = server.delete_when_done
+    spec: dict[str, Any] = {"match": _match_spec(fp.match)}
+    if fp.study is not None:
+        spec = {"level": fp.level, **spec, "study": _study_spec(fp.study)}
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": fp.name},
-        "spec": {
-            "match": {key: getattr(fp.match, attr) for attr, key, _ in MATCH_FIELDS},
-            "inferenceServer": server_spec,
-            "destinations": [_destination_spec(d) for d in fp.destinations],
-        },
+        "spec": {**spec, "inferenceServer": server_spec, "destinations": [_destination_spec(d) for d in fp.destinations]},
     }
 
 

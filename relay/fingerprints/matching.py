@@ -86,11 +86,28 @@ def rules_match(rules: MatchRules, attrs: SeriesAttributes) -> bool:
 
 
 def fingerprint_matches(fp: Fingerprint, attrs: SeriesAttributes) -> bool:
-    """True when the series should go to this fingerprint's model; False for a broken regex."""
+    """True when the series should go to this fingerprint's model; False for a broken regex.
+
+    A study-level fingerprint takes a series that matches `match` and fills one of its entries
+    (see study_entry)."""
     try:
-        return rules_match(fp.match, attrs)
+        if not rules_match(fp.match, attrs):
+            return False
     except RegexError:
         return False
+    return fp.study is None or study_entry(fp, attrs) is not None
+
+
+def study_entry(fp: Fingerprint, attrs: SeriesAttributes) -> str | None:
+    """The entry of a study-level fingerprint that the series fills: the first, in list order,
+    whose match it matches. None for a series-level fingerprint, a series that fills none, or a
+    series that does not say which study it belongs to (nothing to group it with)."""
+    if fp.study is None or not attrs.study_uid:
+        return None
+    try:
+        return next((entry.name for entry in fp.study.series if rules_match(entry.match, attrs)), None)
+    except RegexError:
+        return None
 
 
 def matching_fingerprints(fps: Iterable[Fingerprint], attrs: SeriesAttributes) -> list[Fingerprint]:

@@ -78,15 +78,50 @@ class InferenceServerRef:
     delete_when_done: bool | None = None  # None: ASK_INFERENCE_SERVER_TO_DELETE_TASK
 
 
+OnTimeout = Literal["run", "fail"]
+
+
+@dataclass(frozen=True)
+class StudySeries:
+    """One required series of a study-level fingerprint: its name (the folder it is posted in,
+    a DNS-1123 label) and what it must look like."""
+
+    name: str
+    match: MatchRules
+
+
+@dataclass(frozen=True)
+class StudyRules:
+    """A study-level fingerprint: one task per study, posted once every entry of `series` has a
+    complete series of that study, or `timeout_seconds` after the first one was complete (then
+    `on_timeout` says: run with what is there, or fail)."""
+
+    series: tuple[StudySeries, ...]
+    timeout_seconds: float = 600.0
+    on_timeout: OnTimeout = "fail"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(entry.name for entry in self.series)
+
+
 @dataclass(frozen=True)
 class Fingerprint:
-    """One fingerprint: series matching `match` go to `inference_server`, results to `destinations`."""
+    """One fingerprint: series matching `match` go to `inference_server`, results to `destinations`.
+
+    With `study`, the fingerprint is study-level: `match` filters every series of the study, and
+    the series that fill the entries of `study.series` are posted together, in one task."""
 
     name: str  # unique, a DNS-1123 label (from metadata.name or the seed file's stem)
     match: MatchRules
     inference_server: InferenceServerRef
     destinations: tuple[Destination, ...] = field(default_factory=tuple)
     source: str = ""  # where it was read from, for messages (a file path, or namespace/name)
+    study: StudyRules | None = None
+
+    @property
+    def level(self) -> str:
+        return "Study" if self.study is not None else "Series"
 
 
 @dataclass(frozen=True)
@@ -97,3 +132,6 @@ class SeriesAttributes:
     sop_class_uid: str = ""
     series_description: str = ""
     study_description: str = ""
+    # Which study the series belongs to (a UID, not a patient identifier); only study-level
+    # fingerprints look at it, to group series. "" when the instances did not say.
+    study_uid: str = ""

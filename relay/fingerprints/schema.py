@@ -118,12 +118,27 @@ def _series_level_has_match(value: Any) -> bool:
     return value.get("level", "Series") != "Series" or "match" in value
 
 
+def _study_goes_with_level(value: Any) -> bool:
+    if not isinstance(value, Mapping):
+        return True
+    return (value.get("level", "Series") == "Study") == ("study" in value)
+
+
+def _unique_names(value: Any) -> bool:
+    if not isinstance(value, list):
+        return True
+    names = [item["name"] for item in value if isinstance(item, Mapping) and isinstance(item.get("name"), str)]
+    return len(names) == len(set(names))
+
+
 def _no_outer_space(value: Any) -> bool:
     return not isinstance(value, str) or not (value.startswith(" ") or value.endswith(" "))
 
 
 CEL_TWINS: dict[str, Callable[[Any], bool]] = {
     "self.level != 'Series' || has(self.match)": _series_level_has_match,
+    "(self.level == 'Study') == has(self.study)": _study_goes_with_level,
+    "self.all(x, self.exists_one(y, y.name == x.name))": _unique_names,
     "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''": (_is_http_url),
     "[has(self.configMapKeyRef), has(self.secretKeyRef), has(self.path)].filter(x, x).size() == 1": (
         _exactly_one_ca_source

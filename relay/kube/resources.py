@@ -289,6 +289,7 @@ def series_state(body: dict) -> SeriesState:
             sop_class_uid=key.sop_class_uid,
             series_description=spec.get("seriesDescription", ""),
             study_description=spec.get("studyDescription", ""),
+            study_uid=spec.get("studyInstanceUID", ""),
         ),
         phase=SeriesPhase(status.get("phase") or SeriesPhase.RECEIVING),
         first_received=from_rfc3339(status.get("firstReceived")) or 0.0,

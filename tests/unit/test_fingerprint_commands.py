@@ -142,7 +142,8 @@ def test_check_examples(capsys):
     assert lines == [
         f"ok   cns-t1-oars     ({EXAMPLES / 'cns_t1_oars.json'})",
         f"ok   ct-thorax-oars  ({EXAMPLES / 'ct-thorax-oars.yaml'})",
-        "2 fingerprint(s) ok, 0 problem(s)",
+        f"ok   prostate-mr     ({EXAMPLES / 'prostate-mr.yaml'})",
+        "3 fingerprint(s) ok, 0 problem(s)",
     ]
 
 

@@ -99,7 +99,7 @@ def test_examples_load_without_problems():
     result = load_fingerprint_dir(EXAMPLES)
     assert messages(result) == []
     by_name = {fp.name: fp for fp in result.fingerprints}
-    assert set(by_name) == {"cns-t1-oars", "ct-thorax-oars"}
+    assert set(by_name) == {"cns-t1-oars", "ct-thorax-oars", "prostate-mr"}
 
     seed_fp = by_name["cns-t1-oars"]
     assert seed_fp.inference_server == InferenceServerRef(

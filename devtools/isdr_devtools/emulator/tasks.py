@@ -63,6 +63,10 @@ class Task:
     ready_at: float
     input_files: int | None = None  # DICOM instances found in the upload, once the model ran
     skipped_files: int | None = None  # upload members that were not DICOM
+    # Once the model ran: DICOM instances per folder of the upload ("" for the archive's root),
+    # and the Series Instance UIDs they belong to, so that a test sees what one task was sent.
+    input_folders: dict[str, int] | None = None
+    input_series: list[str] | None = None
     outcome: str | None = None  # an Outcome value once the model ran; None while it runs
     message: str = ""
     output_name: str | None = None  # file name of the output archive in the task folder
@@ -276,6 +280,8 @@ class TaskStore:
                 "status": t.status(now),
                 "input_files": t.input_files,
                 "skipped_files": t.skipped_files,
+                "input_folders": t.input_folders,
+                "input_series": t.input_series,
                 "deleted": t.deleted,
                 "message": t.message,
             }
@@ -314,7 +320,7 @@ class TaskStore:
             self._finish(task, Outcome.FAILED, f"model {task.model!r} is not known")
             return
         try:
-            instances, skipped = self._read_input(folder / f"input.{kind}", kind)
+            instances, skipped, folders = self._read_input(folder / f"input.{kind}", kind)
         except archives.InputArchiveError as exc:
             self._finish(task, Outcome.FAILED, f"invalid input: {exc}")
             return
@@ -322,6 +328,8 @@ class TaskStore:
             self._finish(task, Outcome.FAILED, "input archive is gone (task deleted?)")
             return
         task.input_files, task.skipped_files = len(instances), skipped
+        task.input_folders = folders
+        task.input_series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for ds in instances})
         if not instances:
             self._finish(task, Outcome.FAILED, f"invalid input: no DICOM instances in the {kind} archive")
             return
@@ -342,14 +350,16 @@ class TaskStore:
 
     @staticmethod
     def _read_input(path: Path, kind: str):
-        instances, skipped = [], 0
-        for _name, member in archives.iter_members(path, kind):
+        instances, skipped, folders = [], 0, {}
+        for name, member in archives.iter_members(path, kind):
             ds = models.read_instance(member)
             if ds is None:
                 skipped += 1
             else:
                 instances.append(ds)
-        return instances, skipped
+                folder = name.rpartition("/")[0]
+                folders[folder] = folders.get(folder, 0) + 1
+        return instances, skipped, folders
 
     def _finish(self, task: Task, outcome: Outcome, message: str) -> None:
         with self._lock:
