@@ -569,6 +569,14 @@ def apply_fail_study(series: SeriesState, step: FailStudy, now: float) -> Series
     return replace(series, tasks=tasks)
 
 
+def study_shares_note(step: Dispatch) -> str:
+    """What a driver adds about a dispatch's study shares ("" when it has none)."""
+    if not step.entries:
+        return ""
+    shares = ", ".join(f"{name} (as {entry})" for name, entry in step.entries)
+    return f"; waiting for the rest of its study for {shares}"
+
+
 def study_note(step: StartStudy) -> str:
     """What a driver says when a study task starts."""
     folders = ", ".join(f"{part.folder} ({len(part.instances)} instances)" for part in step.parts)

@@ -47,6 +47,7 @@ from relay.lifecycle import (
     forget_note,
     new_series,
     next_step,
+    study_shares_note,
     with_stored,
 )
 from relay.pipeline import (
@@ -289,8 +290,8 @@ class Relay:
     def _report(self, state: SeriesState, step) -> None:
         uid = state.key.series_uid
         if isinstance(step, Dispatch):
-            log.info("series %s complete with %d instances: dispatch #%d to %s", uid, len(step.instances),
-                     step.generation, ", ".join(step.fingerprints))
+            log.info("series %s complete with %d instances: dispatch #%d to %s%s", uid, len(step.instances),
+                     step.generation, ", ".join(step.fingerprints), study_shares_note(step))
         elif isinstance(step, Reopen):
             log.warning("series %s: %s", uid, arrivals_note(state, step, self.rules))
         elif isinstance(step, NoteArrivals):
