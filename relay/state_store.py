@@ -23,10 +23,10 @@ import logging
 import threading
 import time
 from dataclasses import asdict, fields
-from typing import Callable
+from typing import Callable, Iterable
 
 from relay.fingerprints.model import SeriesAttributes
-from relay.lifecycle import Dispatched, SeriesPhase, SeriesState, StudyPart, TaskPhase, TaskState
+from relay.lifecycle import Dispatched, SeriesPhase, SeriesState, StudyPart, StudyShare, TaskPhase, TaskState
 from relay.storage.base import Storage, StorageError
 from relay.uids import SeriesKey
 
@@ -205,6 +205,12 @@ class StudyStore:
 
     def delete(self, task_id: str) -> None:
         self.storage.delete([self._key(task_id)])
+
+    def started(self, shares: Iterable[StudyShare]) -> dict[str, tuple[StudyPart, ...]]:
+        """The records of the study tasks that `shares` started and that still run (task id ->
+        parts), for relay.lifecycle.study_step."""
+        running = {s.task.task_id for s in shares if s.task.phase != TaskPhase.WAITING and not s.task.finished}
+        return {task_id: parts for task_id in sorted(running) if (parts := self.load(task_id)) is not None}
 
 
 # --- series (isdr run) ----------------------------------------------------------------------------

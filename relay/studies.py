@@ -18,7 +18,6 @@ from relay.lifecycle import (
     FailStudy,
     SeriesState,
     StartStudy,
-    StudyPart,
     TaskPhase,
     Wait,
     apply_fail_study,
@@ -68,12 +67,7 @@ class StudyScheduler:
     def look_at(self, study_uid: str, name: str, fingerprint: Fingerprint | None, members: list[SeriesState],
                 now: float) -> None:
         shares = study_shares(members, name)
-        started: dict[str, tuple[StudyPart, ...]] = {}
-        for task_id in {s.task.task_id for s in shares if s.task.phase != TaskPhase.WAITING and not s.task.finished}:
-            parts = self.records.load(task_id)
-            if parts is not None:
-                started[task_id] = parts
-        step = study_step(fingerprint, study_uid, shares, now, started)
+        step = study_step(fingerprint, study_uid, shares, now, self.records.started(shares))
         if isinstance(step, Wait):
             return
         if isinstance(step, StartStudy):

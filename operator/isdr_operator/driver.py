@@ -25,6 +25,7 @@ from relay.kube.api import CONFLICT_ATTEMPTS, Conflict, KubeApi, NotFound
 from relay.kube.resources import (
     FAILED_TASKS,
     LABEL_SERIES,
+    LABEL_STUDY,
     LABEL_TASK,
     MATCHED_SERIES,
     SUCCEEDED_TASKS,
@@ -67,18 +68,20 @@ from relay.lifecycle import (
     forget_note,
     next_step,
     pending_task_action,
+    study_shares_note,
     possible_duplicate_note,
     task_phase_from_job,
     with_stored,
 )
 from relay.pipeline import work_folder
-from relay.state_store import DispatchStore, TaskStore, read_task
+from relay.state_store import DispatchStore, StudyStore, TaskStore, read_task
 from relay.storage.base import Storage
 from relay.storage.instances import stored_instances
 
 from isdr_operator.fingerprints import FingerprintSet
 from isdr_operator.jobs import build_job
 from isdr_operator.settings import OperatorSettings
+from isdr_operator.studies import StudyDriver
 
 log = logging.getLogger("isdr_operator.series")
 
@@ -98,6 +101,7 @@ class SeriesDriver:
         self.fingerprints = fingerprints
         self.rules = lifecycle_rules(settings.relay)
         self.clock = clock
+        self.studies = StudyDriver(api, storage, fingerprints, clock)
         # Jobs known to exist (created here, or seen by the Job watch or a listing): never
         # created again. Names only: the watch, not this set, holds what they say.
         self.jobs_seen: set[str] = set()
@@ -148,8 +152,19 @@ class SeriesDriver:
         if not has_received(body):
             return None  # just created; the receiver's status write (an event) brings it back
         state = series_state(body)
+        study_wait = None
+        if state.attributes.study_uid and any(task.phase == TaskPhase.WAITING for task in state.tasks):
+            study_wait = self.studies.step(state.attributes.study_uid)
+            if study_wait is not None and study_wait <= 0.05:
+                return study_wait  # the study's series changed: this one too, maybe
         if state.phase == SeriesPhase.DISPATCHED:
             self._ensure_jobs(body, state)
+        delay = self._series_step(body, state, now)
+        if study_wait is None:
+            return delay
+        return study_wait if delay is None else min(delay, study_wait)
+
+    def _series_step(self, body: dict, state: SeriesState, now: float) -> float | None:
         step = next_step(state, self.fingerprints.ready(), now, self.rules, matching_fingerprints)
         if isinstance(step, ListStorage):
             state = with_stored(state, *stored_instances(self.storage, state.key))
@@ -182,9 +197,10 @@ class SeriesDriver:
         body = self._write(body, dispatch_status(body, dispatched, new_tasks, len(step.instances), now))
         self._ensure_jobs(body, series_state(body))
         waited = now - state.last_received
+        jobs = [t.task_id for t in new_tasks if t.phase != TaskPhase.WAITING]
         message = (f"dispatch #{step.generation} matched {', '.join(step.fingerprints)}: Jobs "
-                   f"{', '.join(t.task_id for t in new_tasks)} ({len(step.instances)} instances, quiet for "
-                   f"{waited:.1f}s)")
+                   f"{', '.join(jobs) or 'none yet'} ({len(step.instances)} instances, quiet for "
+                   f"{waited:.1f}s){study_shares_note(step)}")
         self.api.event(body, EventReason.DISPATCHED, message)
         log.info("series %s: %s", state.key.series_uid, message)
         for task in new_tasks:
@@ -224,7 +240,8 @@ class SeriesDriver:
             if action != PendingTaskAction.CREATE_JOB:
                 continue
             job = build_job(task=task, key=state.key, series_name=name, fingerprint_body=fingerprint_body,
-                            settings=self.settings.jobs, relay_get_timeout=self.settings.relay.get_timeout)
+                            settings=self.settings.jobs, relay_get_timeout=self.settings.relay.get_timeout,
+                            study_uid=state.attributes.study_uid)
             created = self.api.create_job(job)
             self.jobs_seen.add(task.task_id)
             if created:
@@ -272,6 +289,8 @@ class SeriesDriver:
             log.warning("series %s: %s", state.key.series_uid, note)
         for task in state.tasks:
             TaskStore(self.storage, task.task_id).delete()
+            if task.entry:
+                StudyStore(self.storage).delete(task.task_id)
         self.dispatches.delete_all(state.key)
         self._remove_work_folders(state)
         self._delete(body)
@@ -367,6 +386,12 @@ class SeriesDriver:
         name = job["metadata"]["name"]
         if self.job_reports.get(name) == report:
             return None
+        if labels.get(LABEL_STUDY):
+            # A study task: the other series of the study carry it too. Only the labelled one
+            # counts and reports it (_copy_job); the others' entries follow.
+            for body in self.api.list_series(f"{LABEL_STUDY}={labels[LABEL_STUDY]}"):
+                if body["metadata"]["name"] != series_name:
+                    self._copy_task(body["metadata"]["name"], task_id, report)
         series, copied = self._copy_job(series_name, task_id, report, record, seen)
         if copied and outcome != JobOutcome.RUNNING:
             self.jobs_copied.add(name)
@@ -374,6 +399,18 @@ class SeriesDriver:
         elif copied:
             self.job_reports[name] = report
         return series
+
+    def _copy_task(self, series_name: str, task_id: str, report: TaskReport) -> None:
+        for _ in range(CONFLICT_ATTEMPTS):
+            body = self.api.get_series(series_name)
+            change = None if body is None else task_change(body, task_id, report, self.clock())
+            if change is None:
+                return
+            try:
+                self._write(body, change.status)
+                return
+            except Conflict:
+                continue
 
     def _copy_job(self, series_name: str, task_id: str, report: TaskReport, record: TaskState | None,
                   seen: dict | None) -> tuple[str | None, bool]:

@@ -28,8 +28,10 @@ from relay.kube.resources import (
     LABEL_FINGERPRINT,
     LABEL_MANAGED_BY,
     LABEL_SERIES,
+    LABEL_STUDY,
     LABEL_TASK,
     MANAGED_BY,
+    study_label,
 )
 from relay.lifecycle import TaskState
 from relay.uids import SeriesKey
@@ -46,8 +48,9 @@ SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem":
                     "capabilities": {"drop": ["ALL"]}}
 
 
-def job_labels(series_name: str, fingerprint: str, task_id: str) -> dict[str, str]:
-    return {
+def job_labels(series_name: str, fingerprint: str, task_id: str, study_uid: str = "") -> dict[str, str]:
+    """A study task's Job also names its study (LABEL_STUDY): every series of it follows the Job."""
+    labels = {
         "app.kubernetes.io/name": "isdr",
         "app.kubernetes.io/component": "inference-task",
         LABEL_MANAGED_BY: MANAGED_BY,
@@ -55,6 +58,9 @@ def job_labels(series_name: str, fingerprint: str, task_id: str) -> dict[str, st
         LABEL_FINGERPRINT: fingerprint,
         LABEL_TASK: task_id,
     }
+    if study_uid:
+        labels[LABEL_STUDY] = study_label(study_uid)
+    return labels
 
 
 def fingerprint_snapshot(body: dict) -> dict:
@@ -73,8 +79,9 @@ def active_deadline(fingerprint_body: dict, relay_get_timeout: float, settings: 
 
 
 def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_body: dict,
-              settings: JobSettings, relay_get_timeout: float, owner: dict | None = None) -> dict:
-    labels = job_labels(series_name, task.fingerprint, task.task_id)
+              settings: JobSettings, relay_get_timeout: float, owner: dict | None = None,
+              study_uid: str = "") -> dict:
+    labels = job_labels(series_name, task.fingerprint, task.task_id, study_uid if task.entry else "")
     env = [{"name": name, "value": value} for name, value in sorted(settings.task_env.items())
            if name != "INCOMING_DIR"]
     env.append({"name": FINGERPRINT_ENV, "value": json.dumps(fingerprint_snapshot(fingerprint_body))})

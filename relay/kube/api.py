@@ -245,6 +245,10 @@ class KubeApi:
         return self._watch(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
                            SERIES_PLURAL, since=since)
 
+    def list_series(self, label_selector: str) -> list[dict]:
+        """The DicomSeries with this label selector (a study's few series), in one request."""
+        return self._list(SERIES_PLURAL, label_selector=label_selector)
+
     def can_list_series(self) -> None:
         """A cheap probe: raises unless DicomSeries can be listed here (CRD installed, RBAC)."""
         self._list(SERIES_PLURAL, limit=1)

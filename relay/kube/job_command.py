@@ -37,7 +37,7 @@ from relay.kube.job_contract import (
 )
 from relay.lifecycle import TaskPhase, TaskState
 from relay.pipeline import Interrupted, NoSpaceForWork, PipelineSettings, TaskRunner, TaskSpec
-from relay.state_store import DispatchStore, StateWrites, TaskStore
+from relay.state_store import DispatchStore, StateWrites, StudyStore, TaskStore
 from relay.storage import StorageError, open_storage
 from relay.uids import InvalidUID, SeriesKey, parse_instance_key
 
@@ -104,15 +104,20 @@ def run_job(args) -> int:
     writes = StateWrites(_Log())
 
     try:
+        # A study task sends the series its record names (written before the Job was created).
+        parts = StudyStore(storage).load(args.task_id) or ()
         loaded = store.load()
         if loaded is None:
-            instances = _dispatched_instances(storage, key, args.generation)
+            instances = (tuple(uid for part in parts for uid in part.instances) if parts
+                         else _dispatched_instances(storage, key, args.generation))
             state = TaskState(task_id=args.task_id, fingerprint=fingerprint.name,
                               generation=args.generation, updated_at=time.time())
             if not writes.until_done(lambda: store.save(state, instances), f"task {args.task_id}",
                                      stop.is_set, stop.wait):
                 return JobExit.RETRY
-            say(f"task {args.task_id}: series {key.series_uid} (dispatch #{args.generation}, "
+            what = (", ".join(f"{p.folder} (series {p.key.series_uid})" for p in parts) if parts
+                    else f"series {key.series_uid}")
+            say(f"task {args.task_id}: {what} (dispatch #{args.generation}, "
                 f"{len(instances)} instances), fingerprint {fingerprint.name}, "
                 f"model {fingerprint.inference_server.model}")
         else:
@@ -149,7 +154,7 @@ def run_job(args) -> int:
         should_stop=stop.is_set,
     )
     spec = TaskSpec(task_id=args.task_id, series=key, generation=args.generation, instance_uids=instances,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, parts=parts)
     try:
         final = runner.run(spec, state)
     except Interrupted:

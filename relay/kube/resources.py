@@ -22,6 +22,7 @@ from relay.lifecycle import (
     JobOutcome,
     SeriesPhase,
     SeriesState,
+    StartStudy,
     TaskPhase,
     TaskState,
     accept_task_phase,
@@ -45,6 +46,9 @@ PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL = "kopf.dev", "v1", "kopfpeerings
 LABEL_SERIES = "isdr.io/series"
 LABEL_FINGERPRINT = "isdr.io/fingerprint"
 LABEL_TASK = "isdr.io/task"
+# On a DicomSeries and on a study task's Job: which study (a digest of its Study Instance UID, so
+# that the operator finds the series of one study with a label selector).
+LABEL_STUDY = "isdr.io/study"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "isdr-operator"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
@@ -86,6 +90,8 @@ class EventReason(StrEnum):
     POSSIBLE_DUPLICATE_SUBMIT = "PossibleDuplicateSubmit"
     SUCCEEDED = "Succeeded"  # the series
     FAILED = "Failed"
+    STUDY_STARTED = "StudyStarted"  # a study-level fingerprint's task starts, with this series
+    STUDY_FAILED = "StudyFailed"  # ... or fails: its missing series did not come in time
 
 
 # Counters on a Fingerprint's status.
@@ -95,6 +101,15 @@ MATCHED_SERIES, SUCCEEDED_TASKS, FAILED_TASKS = "matchedSeries", "succeededTasks
 def resource_name(key: SeriesKey) -> str:
     """`series-<digest>`: deterministic, a valid name and label value, no patient data."""
     return "series-" + hashlib.sha256(key.slug.encode()).hexdigest()[:40]
+
+
+def study_label(study_uid: str) -> str:
+    """`study-<digest>`: a valid label value for a Study Instance UID (at most 64 characters)."""
+    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:40]
+
+
+def study_selector(study_uid: str) -> str:
+    return f"{LABEL_STUDY}={study_label(study_uid)}"
 
 
 def to_rfc3339(epoch: float | None) -> str | None:
@@ -194,10 +209,13 @@ def series_spec(key: SeriesKey, study_uid: str | None, attributes: SeriesAttribu
 
 def new_series(key: SeriesKey, study_uid: str | None, attributes: SeriesAttributes, storage: dict) -> dict:
     """A DicomSeries as the receiver creates it (no status: the API server ignores it on create)."""
+    labels = {LABEL_PART_OF: PART_OF}
+    if study_uid:
+        labels[LABEL_STUDY] = study_label(study_uid)
     return {
         "apiVersion": API_VERSION,
         "kind": SERIES_KIND,
-        "metadata": {"name": resource_name(key), "labels": {LABEL_PART_OF: PART_OF}},
+        "metadata": {"name": resource_name(key), "labels": labels},
         "spec": series_spec(key, study_uid, attributes, storage),
     }
 
@@ -277,6 +295,8 @@ def series_state(body: dict) -> SeriesState:
             phase=TaskPhase(task.get("phase") or TaskPhase.PENDING),
             inference_uid=task.get("inferenceTaskUID"),
             message=task.get("message", ""),
+            entry=task.get("entry", ""),
+            updated_at=from_rfc3339(task.get("startTime")) or 0.0,
         )
         for task in status.get("tasks") or []
     )
@@ -360,9 +380,13 @@ def decision_status(state: SeriesState) -> dict:
 
 
 def task_entry(task: TaskState, now: float) -> dict:
-    """status.tasks[] for a new task; its Job is named after it."""
-    return {"taskId": task.task_id, "fingerprint": task.fingerprint, "generation": task.generation,
-            "job": task.task_id, "phase": str(task.phase), "startTime": to_rfc3339(now)}
+    """status.tasks[] for a new task; its Job is named after it. A study's share says which
+    entry of the fingerprint's spec.study.series the series fills."""
+    entry = {"taskId": task.task_id, "fingerprint": task.fingerprint, "generation": task.generation,
+             "job": task.task_id, "phase": str(task.phase), "startTime": to_rfc3339(now)}
+    if task.entry:
+        entry["entry"] = task.entry
+    return entry
 
 
 def tasks_status(entries: list[dict]) -> dict:
@@ -383,6 +407,24 @@ def dispatch_status(body: dict, dispatched: SeriesState, new_tasks: list[TaskSta
     entries = _entries(body) + [task_entry(task, now) for task in new_tasks]
     return {**decision_status(dispatched), "dispatchedInstances": instances, "dispatchedTime": to_rfc3339(now),
             **tasks_status(entries)}
+
+
+def study_share_status(body: dict, step, now: float) -> dict | None:
+    """status.tasks with this series' shares of a study decision changed (None: it has none):
+    StartStudy makes them the study task, Pending; FailStudy fails them."""
+    key = key_of(body)
+    mine = {old for share_key, old in step.shares if share_key == key}
+    entries = _entries(body)
+    changed = False
+    for entry in entries:
+        if entry.get("taskId") not in mine or entry.get("phase") != TaskPhase.WAITING:
+            continue
+        changed = True
+        if isinstance(step, StartStudy):
+            entry.update(taskId=step.task_id, job=step.task_id, phase=str(TaskPhase.PENDING), startTime=to_rfc3339(now))
+        else:
+            entry.update(phase=str(TaskPhase.FAILED), message=step.message[:1000], completionTime=to_rfc3339(now))
+    return tasks_status(entries) if changed else None
 
 
 def failed_task_status(body: dict, task_id: str, message: str, now: float) -> dict:

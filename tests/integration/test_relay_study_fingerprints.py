@@ -15,27 +15,18 @@ from isdr_devtools.synthetic import write_ct_series
 from tests.support.dicom_peers import storescu
 from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until
+from tests.support.studies import mr_series as write_mr_series
+from tests.support.studies import prostate_manifest
 
 STUDY_DESCRIPTION = "MR Prostate"
 
 
-def prostate(url, pacs, protocol="v2", timeout=60, on_timeout="fail"):
-    """A study-level fingerprint needing a T2 and an ADC series of one MR study."""
-    fingerprint = manifest("prostate", url, "toy", pacs, protocol=protocol, modality="^MR$")
-    fingerprint["spec"]["level"] = "Study"
-    fingerprint["spec"]["match"]["studyDescription"] = "prostate"
-    fingerprint["spec"]["study"] = {
-        "series": [{"name": "t2", "match": {"seriesDescription": "t2"}},
-                   {"name": "adc", "match": {"seriesDescription": "adc"}}],
-        "timeoutSeconds": timeout,
-        "onTimeout": on_timeout,
-    }
-    return fingerprint
+def prostate(url, pacs, **settings):
+    return prostate_manifest(url, pacs, study_description="prostate", **settings)
 
 
 def mr_series(folder, description, study_uid, count):
-    return write_ct_series(folder, count=count, rows=32, cols=32, modality="MR", series_description=description,
-                           study_description=STUDY_DESCRIPTION, study_uid=study_uid, file_prefix=description)
+    return write_mr_series(folder, description, study_uid, count, study_description=STUDY_DESCRIPTION)
 
 
 def series_uid(files):
