@@ -520,7 +520,7 @@ def study_step(fingerprint: Fingerprint | None, study_uid: str, shares: Sequence
             return StartStudy(task_id=recorded_id, parts=parts, joined=True,
                               shares=tuple((share.key, share.task.task_id) for share in joining))
     if fingerprint is None or fingerprint.study is None:  # nothing to wait for any more
-        what = "no longer exists" if fingerprint is None else "is no longer study-level"
+        what = "is gone (deleted, or no longer valid)" if fingerprint is None else "is no longer study-level"
         return FailStudy(_share_ids(waiting), f"fingerprint {waiting[0].task.fingerprint} {what}")
     study = fingerprint.study
     filled = {share.task.entry for share in waiting}

@@ -185,4 +185,4 @@ def test_a_new_dispatch_of_a_waiting_series_replaces_its_share():
 def test_a_deleted_fingerprint_fails_its_waiting_shares():
     t2 = dispatched(received("1.1", "T2"), at=111.0)
     decision = study_step(None, STUDY, study_shares([t2], "prostate"), 112.0)
-    assert isinstance(decision, FailStudy) and "prostate no longer exists" in decision.message
+    assert isinstance(decision, FailStudy) and "prostate is gone" in decision.message
