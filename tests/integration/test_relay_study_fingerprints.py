@@ -174,3 +174,24 @@ def test_a_relay_killed_while_a_study_waits_posts_it_whole_after_the_restart(tmp
     assert task["input_folders"] == {"t2": 2, "adc": 1}
     assert task["input_series"] == sorted([series_uid(t2), series_uid(adc)])
     pacs.wait_for_files(2)
+
+
+def test_a_late_instance_reruns_its_series_as_the_studys_next_task_and_a_resent_one_runs_nothing(
+        tmp_path, emulator, pacs, relays):
+    relay = relays()
+    relay.add_manifest(prostate(emulator.base_url, pacs, timeout=2, on_timeout="run"))
+    relay.start()
+    study = generate_uid()
+    t2 = mr_series(tmp_path / "t2", "T2 tra", study, 2)
+    adc = mr_series(tmp_path / "adc", "ADC", study, 3)
+    send(relay, t2 + adc[:2])
+    submitted_tasks(emulator, 1)
+    relay.wait_for_log(r"series .* succeeded", count=2)
+
+    send(relay, adc[:1])  # sent again: a duplicate
+    send(relay, adc[2:])  # new: the ADC series re-opens (LATE_INSTANCE_POLICY=reopen)
+
+    first, second = sorted(submitted_tasks(emulator, 2), key=lambda task: len(task["input_folders"]), reverse=True)
+    assert first["input_folders"] == {"t2": 2, "adc": 2}
+    assert second["input_folders"] == {"adc": 3}  # all its instances; T2 did not come again in time
+    assert "posted without t2 (onTimeout: run)" in relay.log()
