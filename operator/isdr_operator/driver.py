@@ -68,8 +68,8 @@ from relay.lifecycle import (
     forget_note,
     next_step,
     pending_task_action,
-    study_shares_note,
     possible_duplicate_note,
+    study_shares_note,
     task_phase_from_job,
     with_stored,
 )
@@ -81,7 +81,7 @@ from relay.storage.instances import stored_instances
 from isdr_operator.fingerprints import FingerprintSet
 from isdr_operator.jobs import build_job
 from isdr_operator.settings import OperatorSettings
-from isdr_operator.studies import StudyDriver
+from isdr_operator.studies import SOON, StudyDriver
 
 log = logging.getLogger("isdr_operator.series")
 
@@ -155,7 +155,7 @@ class SeriesDriver:
         study_wait = None
         if state.attributes.study_uid and any(task.phase == TaskPhase.WAITING for task in state.tasks):
             study_wait = self.studies.step(state.attributes.study_uid)
-            if study_wait is not None and study_wait <= 0.05:
+            if study_wait is not None and study_wait <= SOON:
                 return study_wait  # the study's series changed: this one too, maybe
         if state.phase == SeriesPhase.DISPATCHED:
             self._ensure_jobs(body, state)

@@ -19,6 +19,7 @@ from typing import Mapping
 from relay.fingerprints.model import SeriesAttributes
 from relay.lifecycle import (
     TERMINAL_TASK_PHASES,
+    FailStudy,
     JobOutcome,
     SeriesPhase,
     SeriesState,
@@ -409,7 +410,7 @@ def dispatch_status(body: dict, dispatched: SeriesState, new_tasks: list[TaskSta
             **tasks_status(entries)}
 
 
-def study_share_status(body: dict, step, now: float) -> dict | None:
+def study_share_status(body: dict, step: StartStudy | FailStudy, now: float) -> dict | None:
     """status.tasks with this series' shares of a study decision changed (None: it has none):
     StartStudy makes them the study task, Pending; FailStudy fails them."""
     key = key_of(body)
