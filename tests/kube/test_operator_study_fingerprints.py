@@ -111,3 +111,27 @@ def test_the_api_server_refuses_duplicate_entry_names_and_a_study_without_its_le
     empty = prostate(emulator, pacs)
     empty["spec"]["study"]["series"] = []
     assert r.apply(empty).returncode != 0
+
+
+def test_an_operator_killed_while_a_study_waits_starts_it_whole_after_its_restart(kube_cluster, relay, peers,
+                                                                                 tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    assert r.apply(prostate(emulator, pacs)).returncode == 0
+    ready(r, "prostate")
+    study = generate_uid()
+    t2 = mr_series(tmp_path / "t2", "T2 tra", study, 2)
+    r.send(t2)
+    wait_until(lambda: [t.get("phase") for t in tasks(r, key_of(t2))] == ["Waiting"], 60, "the T2 share")
+
+    r.operator.kill()
+    adc = mr_series(tmp_path / "adc", "ADC", study, 1)
+    r.send(adc)  # while no operator runs
+    r.start_operator()
+
+    for files in (t2, adc):
+        r.wait_series_phase(key_of(files), "Succeeded", timeout=120)
+    (task,) = emulator.stats()["tasks"]
+    assert task["input_folders"] == {"t2": 2, "adc": 1}
+    selector = f"{LABEL_STUDY}={study_label(study)}"
+    assert len(kube_cluster.batch.list_namespaced_job(r.namespace, label_selector=selector).items) == 1
