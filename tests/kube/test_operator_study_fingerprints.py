@@ -135,3 +135,26 @@ def test_an_operator_killed_while_a_study_waits_starts_it_whole_after_its_restar
     assert task["input_folders"] == {"t2": 2, "adc": 1}
     selector = f"{LABEL_STUDY}={study_label(study)}"
     assert len(kube_cluster.batch.list_namespaced_job(r.namespace, label_selector=selector).items) == 1
+
+
+def test_two_studies_sent_interleaved_run_as_two_jobs_that_never_mix(kube_cluster, relay, peers, tmp_path):
+    emulator, pacs = peers
+    r = relay()
+    assert r.apply(prostate(emulator, pacs)).returncode == 0
+    ready(r, "prostate")
+    first, second = generate_uid(), generate_uid()
+    a_t2, b_t2 = mr_series(tmp_path / "a-t2", "T2", first, 2), mr_series(tmp_path / "b-t2", "T2", second, 3)
+    a_adc, b_adc = mr_series(tmp_path / "a-adc", "ADC", first, 1), mr_series(tmp_path / "b-adc", "ADC", second, 2)
+
+    for files in (a_t2, b_t2, a_adc, b_adc):
+        r.send(files)
+
+    for files in (a_t2, b_t2, a_adc, b_adc):
+        r.wait_series_phase(key_of(files), "Succeeded", timeout=120)
+    sent = sorted((tuple(task["input_series"]), task["input_folders"]["t2"], task["input_folders"]["adc"])
+                  for task in emulator.stats()["tasks"])
+    assert sent == sorted([(tuple(sorted([key_of(a_t2).series_uid, key_of(a_adc).series_uid])), 2, 1),
+                           (tuple(sorted([key_of(b_t2).series_uid, key_of(b_adc).series_uid])), 3, 2)])
+    for study in (first, second):
+        selector = f"{LABEL_STUDY}={study_label(study)}"
+        assert len(kube_cluster.batch.list_namespaced_job(r.namespace, label_selector=selector).items) == 1
