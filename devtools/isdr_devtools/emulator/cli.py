@@ -23,8 +23,10 @@ What a task does is chosen by its model name:
 """
 
 _EPILOG = """\
-Inspection for tests: GET /_emulator/stats (counters and tasks as JSON), POST /_emulator/reset
-(forget tasks and counters, re-arm --fail-submits and --queue-down-for).
+Inspection for tests: GET /_emulator/stats (counters and tasks as JSON; each task, once its model
+ran, with the DICOM instances it was sent per folder of the upload, input_folders, "" for the
+archive's root, and their Series Instance UIDs, input_series), POST /_emulator/reset (forget tasks
+and counters, re-arm --fail-submits and --queue-down-for).
 
 Example:
   python -m isdr_devtools.emulator --port 0 --port-file /tmp/emulator.port --tls-dir /tmp/emulator-tls
