@@ -107,11 +107,13 @@ def _more_subcommands(subparsers) -> None:
     from relay.fingerprints.commands import add_parser as add_fingerprint
     from relay.kube.job_command import add_parser as add_job
     from relay.kube.scp_command import add_parser as add_scp
+    from relay.series_commands import add_parser as add_series
 
     add_scp(subparsers)
     _add_operator(subparsers)
     add_job(subparsers)
     add_fingerprint(subparsers)
+    add_series(subparsers)
     add_echo(subparsers)
     for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         entry_point.load()(subparsers)

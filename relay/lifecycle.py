@@ -336,10 +336,7 @@ def _finish_or_wait(series: SeriesState) -> Step:
 def _outcome(tasks: Iterable[TaskState]) -> SeriesPhase:
     """Failed if the newest task of any fingerprint failed: a re-run that succeeded supersedes an
     earlier failure of the same fingerprint."""
-    latest: dict[str, TaskState] = {}
-    for task in tasks:
-        if task.fingerprint not in latest or task.generation >= latest[task.fingerprint].generation:
-            latest[task.fingerprint] = task
+    latest = _latest_of_each_fingerprint(tasks)
     failed = any(task.phase == TaskPhase.FAILED for task in latest.values())
     return SeriesPhase.FAILED if failed else SeriesPhase.SUCCEEDED
 
@@ -693,3 +690,101 @@ def task_id(key: SeriesKey, fingerprint: str, generation: int) -> str:
     digest = hashlib.sha256(f"{key.slug}|{fingerprint}|{generation}".encode()).hexdigest()[:10]
     stem = _NOT_LABEL.sub("-", fingerprint.lower()).strip("-")[:40].strip("-") or "task"
     return f"{stem}-{digest}-{generation}"
+
+
+# --- An administrator's requests (`isdr series retry|cancel`, the isdr.io/* annotations) ---------
+
+
+class AdminAction(StrEnum):
+    RETRY = "retry"  # run the failed tasks of a finished series again, from what storage still holds
+    CANCEL = "cancel"  # stop running tasks: their work (Job, remote task) is ended, they fail
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An administrator's request that cannot be carried out, and why (said to whoever asked)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class CancelTasks:
+    task_ids: tuple[str, ...]
+
+
+def _latest_of_each_fingerprint(tasks: Iterable[TaskState]) -> dict[str, TaskState]:
+    latest: dict[str, TaskState] = {}
+    for task in tasks:
+        if task.fingerprint not in latest or task.generation >= latest[task.fingerprint].generation:
+            latest[task.fingerprint] = task
+    return latest
+
+
+def retry_decision(series: SeriesState, task_id: str | None,
+                   fingerprints: Iterable[str]) -> Dispatch | ListStorage | Refused:
+    """What retrying `series` (or only its task `task_id`) means: a new dispatch (#g+1) to the
+    fingerprints whose latest task failed, with every instance storage still holds.
+
+    Only a finished series is retried (a running task is cancelled first; a receiving one is
+    dispatched anyway once quiet), only failed tasks (a succeeded one delivered its predictions),
+    only through a fingerprint that still exists, and only when every instance the failed
+    dispatch sent is still stored: a model is never run on part of what it failed on."""
+    if series.phase in (SeriesPhase.RECEIVING, SeriesPhase.DISPATCHED):
+        what = "receiving (it is dispatched when quiet)" if series.phase == SeriesPhase.RECEIVING else \
+            f"running {len(series.active_tasks)} task(s) (cancel them first, or wait for them to end)"
+        return Refused(f"the series is {what}: only a finished series is retried")
+    latest = _latest_of_each_fingerprint(series.tasks)
+    if task_id is not None:
+        task = series.task(task_id)
+        if task is None:
+            return Refused(f"the series has no task {task_id}")
+        if latest[task.fingerprint].task_id != task_id:
+            return Refused(f"task {task_id} was retried already, as task {latest[task.fingerprint].task_id}")
+        failed = [task]
+    else:
+        failed = list(latest.values())
+    failed = [task for task in failed if task.phase == TaskPhase.FAILED]
+    if not failed:
+        return Refused("no failed task to retry (a succeeded task delivered its predictions already)")
+    known = set(fingerprints)
+    gone = sorted(task.fingerprint for task in failed if task.fingerprint not in known)
+    if gone:
+        return Refused(f"fingerprint(s) {', '.join(gone)} no longer exist (or are not Ready)")
+    if series.received is None:
+        return ListStorage()
+    needed = {uid for task in failed for uid in series.instances_of(task.generation)}
+    missing = needed - series.received
+    if missing or not series.received:
+        return Refused(f"{len(missing)} of the {len(needed)} instance(s) the failed task(s) sent are no longer "
+                       "in storage: send the series again instead")
+    return Dispatch(fingerprints=tuple(sorted(task.fingerprint for task in failed)),
+                    generation=series.generation + 1, instances=tuple(sorted(series.received)))
+
+
+def retry_note(step: Dispatch) -> str:
+    return (f"retry requested: dispatch #{step.generation} to {', '.join(step.fingerprints)} with the "
+            f"{len(step.instances)} instance(s) in storage")
+
+
+def cancel_decision(series: SeriesState, task_id: str | None) -> CancelTasks | Refused:
+    """Which tasks cancelling `series` (or only its task `task_id`) stops: the unfinished ones."""
+    if task_id is not None:
+        task = series.task(task_id)
+        if task is None:
+            return Refused(f"the series has no task {task_id}")
+        if task.finished:
+            return Refused(f"task {task_id} has already finished ({task.phase})")
+        return CancelTasks((task_id,))
+    active = series.active_tasks
+    if not active:
+        return Refused("the series has no running task")
+    return CancelTasks(tuple(task.task_id for task in active))
+
+
+CANCELLED = "cancelled by an administrator"
+
+
+def apply_cancel(task: TaskState, now: float, remote: str) -> TaskState:
+    """A cancelled task: Failed, and saying so (`remote`: what became of its remote task)."""
+    return replace(task, phase=TaskPhase.FAILED, updated_at=now, remote_delete_pending=False,
+                   message=f"{CANCELLED}; {remote}" if remote else CANCELLED)

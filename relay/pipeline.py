@@ -53,6 +53,7 @@ from relay.lifecycle import (
     SubmitDecision,
     TaskPhase,
     TaskState,
+    apply_cancel,
     give_up_message,
     repeat_warning,
     submit_decision,
@@ -296,6 +297,24 @@ class TaskRunner:
             # The predictions are delivered; a leftover task on the server is not a failure.
             self.warn(f"could not delete remote task {state.inference_uid} (it stays on the server): {exc}")
         return self._record(state, remote_delete_pending=False)
+
+    def cancel(self, spec: TaskSpec, state: TaskState) -> TaskState:
+        """An administrator cancelled the task: its remote task is deleted (when it has one; a
+        failed delete is said, not retried) and the task is recorded as Failed, saying so."""
+        if state.inference_uid:
+            try:
+                self._client(spec, self.work_root).delete(state.inference_uid)
+                remote = f"remote task {state.inference_uid} deleted"
+            except InferenceError as exc:
+                remote = f"remote task {state.inference_uid} could not be deleted (it may run on): {exc}"
+        elif state.unknown_submits:
+            remote = "a submit of unknown outcome may have created a remote task the relay never learnt of"
+        else:
+            remote = "nothing had been submitted"
+        final = apply_cancel(state, time.time(), remote)
+        self._save(final)
+        self.warn(final.message)
+        return final
 
     # --- steps ---
 

@@ -24,7 +24,9 @@ from relay.dicom.receiver import Receiver
 from relay.fingerprints.loader import load_fingerprint_dir
 from relay.fingerprints.matching import matching_fingerprints
 from relay.fingerprints.model import Fingerprint
+from relay.admin_requests import Request, RequestStore
 from relay.lifecycle import (
+    AdminAction,
     Cleanup,
     Dispatch,
     DropUnmatched,
@@ -32,6 +34,7 @@ from relay.lifecycle import (
     Forget,
     ListStorage,
     NoteArrivals,
+    Refused,
     Reopen,
     SeriesPhase,
     SeriesState,
@@ -44,10 +47,13 @@ from relay.lifecycle import (
     apply_note_arrivals,
     apply_reopen,
     arrivals_note,
+    cancel_decision,
     forget_note,
     new_series,
     next_step,
     study_shares_note,
+    retry_decision,
+    retry_note,
     with_stored,
 )
 from relay.pipeline import (
@@ -125,6 +131,8 @@ class Relay:
         self._running: set[str] = set()
         self._crashed: dict[str, float] = {}  # task id -> monotonic time it may start again
         self._running_lock = threading.Lock()
+        self._cancelled: set[str] = set()  # task ids an administrator cancelled, until they are recorded so
+        self.requests = RequestStore(self.storage)
         self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
@@ -141,6 +149,7 @@ class Relay:
                      self.settings.task_work_root)
         self.fingerprints.refresh()
         self.recover()
+        self.requests.sweep_answers(time.time())
         self.receiver.start()
         self._scheduler = threading.Thread(target=self._schedule_forever, name="scheduler", daemon=True)
         self._scheduler.start()
@@ -212,6 +221,7 @@ class Relay:
     def tick(self, now: float | None = None) -> None:
         fingerprints = self.fingerprints.refresh()
         now = time.time() if now is None else now
+        self.handle_requests(fingerprints, now)
         for key in self.registry.keys():
             try:
                 self.look_at(key, fingerprints, now)
@@ -355,6 +365,7 @@ class Relay:
                 instances = tuple(uid for part in parts for uid in part.instances)
             store = TaskStore(self.storage, task_id)
             members = sorted({key} | {part.key for part in parts})
+            cancelled = lambda: task_id in self._cancelled  # noqa: E731
 
             def save(state: TaskState) -> None:
                 if not self.writes.until_done(lambda: store.save(state, instances), f"task {task_id}",
@@ -378,9 +389,15 @@ class Relay:
             spec = TaskSpec(task_id=task_id, series=key, generation=task.generation, instance_uids=instances,
                             fingerprint=fingerprint, parts=parts)
             runner = TaskRunner(self.storage, self.pipeline_settings, save=save, say=say, warn=warn,
-                                work_root=self.settings.task_work_root, should_stop=self._stop.is_set)
+                                work_root=self.settings.task_work_root,
+                                should_stop=lambda: self._stop.is_set() or cancelled())
             was_finished = task.finished
-            final = runner.run(spec, task)
+            try:
+                final = runner.cancel(spec, task) if cancelled() and not was_finished else runner.run(spec, task)
+            except Interrupted:
+                if not cancelled() or self._stop.is_set():
+                    raise
+                final = runner.cancel(spec, self._recorded(self.registry.get(key).task(task_id)))
             if not was_finished:
                 metrics.task_finished(task_id, task.fingerprint, final.phase)
         except Interrupted:
@@ -396,4 +413,64 @@ class Relay:
         finally:
             with self._running_lock:
                 self._running.discard(task_id)
+                self._cancelled.discard(task_id)
 
+
+    # --- an administrator's requests (`isdr series retry|cancel`; relay.admin_requests) ---
+
+    def handle_requests(self, fingerprints, now: float) -> None:
+        for request in self.requests.pending():
+            try:
+                accepted, message = self._carry_out_request(request, fingerprints, now)
+            except Exception as exc:  # one bad request must not stop the scheduler
+                log.exception("request %s (%s of series %s) failed", request.id, request.action, request.series)
+                accepted, message = False, f"failed: {exc}"
+            log.info("request %s: %s of series %s%s: %s", request.id, request.action, request.series,
+                     f" task {request.task}" if request.task else "", message)
+            self.writes.attempt(lambda: self.requests.answer(request.id, accepted, message, now),
+                                f"the answer to request {request.id}")
+
+    def _carry_out_request(self, request: Request, fingerprints, now: float) -> tuple[bool, str]:
+        keys = [key for key in self.registry.keys() if key.series_uid == request.series]
+        if request.task is not None:
+            keys = [key for key in keys if (state := self.registry.get(key)) and state.task(request.task)]
+        if not keys:
+            what = f"task {request.task} of series" if request.task else "series"
+            return False, f"the relay knows no {what} {request.series}"
+        outcomes = [self._request_on(key, request, fingerprints, now) for key in keys]
+        return any(ok for ok, _ in outcomes), "; ".join(message for _, message in outcomes)
+
+    def _request_on(self, key: SeriesKey, request: Request, fingerprints, now: float) -> tuple[bool, str]:
+        for _ in range(CONFLICT_ATTEMPTS):
+            read = self.registry.read(key)
+            if read is None:
+                return False, "the series was forgotten meanwhile"
+            state, revision = read
+            if request.action == AdminAction.CANCEL:
+                return self._cancel(key, cancel_decision(state, request.task))
+            names = [fp.name for fp in fingerprints]
+            decision = retry_decision(state, request.task, names)
+            if isinstance(decision, ListStorage):
+                state = with_stored(state, *stored_instances(self.storage, key))
+                decision = retry_decision(state, request.task, names)
+            if isinstance(decision, Refused):
+                return False, decision.reason
+            if self._carry_out(key, revision, state, decision, now):
+                log.warning("series %s: %s", key.series_uid, retry_note(decision))
+                return True, retry_note(decision)
+        return False, "the series kept changing; ask again"
+
+    def _cancel(self, key: SeriesKey, decision) -> tuple[bool, str]:
+        """Each task's worker stops at its next step (a running upload ends first), deletes the
+        remote task and records the task as Failed; a task waiting for a worker gets one now."""
+        if isinstance(decision, Refused):
+            return False, decision.reason
+        for task_id in decision.task_ids:
+            with self._running_lock:
+                self._cancelled.add(task_id)
+                start = task_id not in self._running
+                if start:
+                    self._running.add(task_id)
+            if start:
+                self._pool.submit(self._run_task, key, task_id)
+        return True, f"cancelling task(s) {', '.join(decision.task_ids)}"
