@@ -25,6 +25,7 @@ FINGERPRINT_EPILOG = """\
 examples:
   isdr fingerprint check /etc/isdr/fingerprints
   isdr fingerprint convert fingerprints/cns_t1_oars.json > fingerprints/cns-t1-oars.yaml
+  isdr fingerprint test ./ct-series/ --fingerprints /etc/isdr/fingerprints
 
 Reference: docs/fingerprints.md"""
 
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `fingerprint` with its sub-commands `convert` and `check`."""
     parser = subparsers.add_parser(
         "fingerprint",
-        help="check fingerprint files, convert the original relay's JSON fingerprints",
+        help="check fingerprint files, test which ones a DICOM series matches, convert the original relay's JSON fingerprints",
         description=FINGERPRINT_HELP,
         epilog=FINGERPRINT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,7 +95,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     check_parser.add_argument("paths", metavar="DIR_OR_FILE", type=Path, nargs="+", help="a fingerprint folder or file")
     check_parser.set_defaults(func=check)
+    _add_test(commands)
     return parser
+
+
+TEST_DESCRIPTION = """\
+Dry run: which fingerprints a DICOM file or series would be sent to, and for each that it would
+not, which rule failed (an expression not found in its attribute, the exclude expression found,
+an expression that cannot be evaluated, a Fingerprint the operator has not found Ready). Nothing
+is sent anywhere.
+
+FILE|DIR: DICOM files, or folders of them (walked recursively); files are grouped into series as
+the relay groups them. Fingerprints come from --fingerprints DIR, by default the folder `isdr run`
+reads (FINGERPRINT_DIR), or with --cluster from the cluster's Fingerprint resources.
+
+Exit code 0 when every series matches at least one fingerprint, 1 when some series matches none,
+2 when the files or fingerprints cannot be read."""
+
+TEST_EPILOG = """\
+examples:
+  isdr fingerprint test ./ct-series/
+  isdr fingerprint test ./ct-series/ --fingerprints ./fingerprints
+  isdr fingerprint test image.dcm --cluster --namespace isdr"""
+
+
+def _add_test(commands) -> None:
+    parser = commands.add_parser("test", help="dry run: which fingerprints a DICOM file or series matches, and why not",
+                                 description=TEST_DESCRIPTION, epilog=TEST_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", metavar="FILE|DIR", type=Path, nargs="+", help="DICOM files or folders")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--fingerprints", metavar="DIR", type=Path,
+                        help="folder of fingerprint files (default: FINGERPRINT_DIR, as `isdr run`)")
+    source.add_argument("--cluster", action="store_true", help="test against the Fingerprints in the cluster")
+    parser.add_argument("--namespace", help="with --cluster: the namespace (default: the kubeconfig's, or default)")
+    parser.add_argument("--kubeconfig", help="with --cluster: kubeconfig file (default: KUBECONFIG or ~/.kube/config)")
+
+    def test(args: argparse.Namespace) -> int:
+        # The command line's work (reading DICOM files, the cluster) lives outside this core package.
+        from relay.fingerprint_dry_run import run
+
+        return run(args)
+
+    parser.set_defaults(func=test)
 
 
 def _print_problems(problems: tuple[LoadProblem, ...] | list[LoadProblem], stream: TextIO) -> None:

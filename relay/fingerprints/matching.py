@@ -24,7 +24,7 @@ operator reports them through `regex_problems`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -76,13 +76,37 @@ def rules_match(rules: MatchRules, attrs: SeriesAttributes) -> bool:
 
     Raises RegexError for an expression that does not compile.
     """
+    return next(mismatches(rules, attrs), None) is None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Why a series does not match: `rule`'s expression was not found in its attribute, or (rule
+    "exclude") was found in `attribute`. `value` is the attribute as matching saw it."""
+
+    rule: str  # a MatchRules field name
+    pattern: str
+    attribute: str  # a SeriesAttributes field name
+    value: str
+
+    def describe(self) -> str:
+        attribute = self.attribute.replace("_", " ").replace("sop class uid", "SOP Class UID")
+        if self.rule == "exclude":
+            return f"exclude {self.pattern!r} is found in {attribute} {self.value!r}"
+        return f"{attribute} {self.pattern!r} is not found in {self.value!r}"
+
+
+def mismatches(rules: MatchRules, attrs: SeriesAttributes) -> Iterator[Mismatch]:
+    """Each reason the series does not match `rules`, in field order (none: it matches); lazily,
+    so that a yes/no question stops at the first. Raises RegexError like rules_match."""
     for name in ATTRIBUTES:
         pattern = getattr(rules, name)
         if pattern and not _found(pattern, getattr(attrs, name)):
-            return False
+            yield Mismatch(name, pattern, name, _text(getattr(attrs, name)))
     if rules.exclude:
-        return not any(_found(rules.exclude, getattr(attrs, name)) for name in ATTRIBUTES)
-    return True
+        for name in ATTRIBUTES:
+            if _found(rules.exclude, getattr(attrs, name)):
+                yield Mismatch("exclude", rules.exclude, name, _text(getattr(attrs, name)))
 
 
 def fingerprint_matches(fp: Fingerprint, attrs: SeriesAttributes) -> bool:
@@ -188,3 +212,30 @@ def regex_problem(field: str, pattern: str) -> RegexProblem | None:
 def regex_problems(rules: MatchRules) -> list[RegexProblem]:
     """Every expression of `rules` that RE2 cannot take."""
     return [problem for name in RULE_FIELDS if (problem := regex_problem(name, getattr(rules, name)))]
+
+
+# --- explaining a match (`isdr fingerprint test`) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchExplanation:
+    """Whether a series matches one fingerprint, and every reason it does not, as data."""
+
+    fingerprint: str
+    mismatches: tuple[Mismatch, ...] = ()
+    problems: tuple[RegexProblem, ...] = ()  # expressions that cannot be evaluated: it never matches
+
+    @property
+    def matches(self) -> bool:
+        return not self.mismatches and not self.problems
+
+    def reasons(self) -> list[str]:
+        return [problem.describe() for problem in self.problems] + [m.describe() for m in self.mismatches]
+
+
+def explain_match(fp: Fingerprint, attrs: SeriesAttributes) -> MatchExplanation:
+    """What fingerprint_matches decides, with its reasons."""
+    problems = tuple(regex_problems(fp.match))
+    if problems:
+        return MatchExplanation(fp.name, problems=problems)
+    return MatchExplanation(fp.name, mismatches=tuple(mismatches(fp.match, attrs)))

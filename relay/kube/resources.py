@@ -527,6 +527,14 @@ def ready_status(body: dict, ready: dict, now: float) -> dict | None:
     return {"conditions": conditions, "observedGeneration": generation}
 
 
+def fingerprint_readiness(body: dict) -> tuple[bool | None, str]:
+    """(Ready, its message) as the operator wrote them; (None, "") before it looked at it."""
+    for item in _status(body).get("conditions") or []:
+        if item.get("type") == ConditionType.READY:
+            return item.get("status") == "True", str(item.get("message") or "")
+    return None, ""
+
+
 def counter_status(body: dict, counter: str, now: float) -> dict:
     """One more on a Fingerprint's counter (matchedSeries also notes lastMatchTime)."""
     patch = {counter: int(_status(body).get(counter) or 0) + 1}
