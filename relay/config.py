@@ -114,6 +114,8 @@ class Settings:
     late_instance_policy: str = "reopen"
     # How long a finished series is remembered (so that a late instance is recognised as late).
     series_retention: float = 3600.0
+    # How long a series no fingerprint matches is kept for `isdr series rematch` (0: deleted at once).
+    unmatched_retention: float = 0.0
 
     # --- InferenceServer (original names and defaults) ---
     cert_file: str | None = None  # CA bundle (PEM); None: the system's trust store
@@ -189,6 +191,7 @@ _ENV = {
     "DELETE_ON_POST": ("delete_on_post", _parse_bool),
     "LATE_INSTANCE_POLICY": ("late_instance_policy", lambda n, v: v.strip().lower()),
     "SERIES_RETENTION": ("series_retention", lambda n, v: _parse_number(n, v, float, 0)),
+    "UNMATCHED_RETENTION": ("unmatched_retention", lambda n, v: _parse_number(n, v, float, 0)),
     "CERT_FILE": ("cert_file", lambda n, v: v.strip() or None),
     "POST_TIMEOUT": ("post_timeout", lambda n, v: _parse_number(n, v, float, 1)),
     "GET_INTERVAL": ("get_interval", lambda n, v: _parse_number(n, v, float, 0.05)),
@@ -230,7 +233,7 @@ def lifecycle_rules(settings: Settings):
 
     return Rules(post_after=settings.post_after, delete_on_post=settings.delete_on_post,
                  late_instance_policy=LatePolicy(settings.late_instance_policy),
-                 forget_after=settings.series_retention)
+                 forget_after=settings.series_retention, unmatched_retention=settings.unmatched_retention)
 
 
 def validate(settings: Settings) -> None:

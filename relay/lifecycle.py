@@ -1,6 +1,7 @@
 r"""The series life cycle, as plain functions over plain data: every rule of it lives here.
 
     Receiving --(quiet for POST_AFTER)--> dropped (no fingerprint matches: its instances deleted)
+        |                             |     or kept as Unmatched for UNMATCHED_RETENTION, then dropped
         |                             \-> Dispatched #g (one task per matching fingerprint)
         |                                     |
         |                     (every task finished)
@@ -47,7 +48,7 @@ class SeriesPhase(StrEnum):
     DISPATCHED = "Dispatched"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
-    UNMATCHED = "Unmatched"  # only ever reported: an unmatched series is dropped
+    UNMATCHED = "Unmatched"  # kept for UNMATCHED_RETENTION (default 0: dropped at once)
 
 
 class TaskPhase(StrEnum):
@@ -165,6 +166,9 @@ class Rules:
     # How long a finished, cleaned-up series is remembered, so that an instance re-sent later is
     # recognised as a duplicate (and ignored late instances are kept).
     forget_after: float = 3600.0
+    # How long a series no fingerprint matches is kept (a fingerprint applied meanwhile can take
+    # it: `isdr series rematch`, isdr.io/rematch); 0: its instances are deleted at once.
+    unmatched_retention: float = 0.0
 
 
 # --- Steps the drivers carry out -------------------------------------------------------------
@@ -212,6 +216,13 @@ class DropUnmatched:
 
 
 @dataclass(frozen=True)
+class KeepUnmatched:
+    """No fingerprint matches: keep the series (phase Unmatched) until `until`, then drop it."""
+
+    until: float
+
+
+@dataclass(frozen=True)
 class Finish:
     phase: SeriesPhase  # SUCCEEDED or FAILED
 
@@ -229,7 +240,8 @@ class Forget:
     delete: tuple[str, ...]
 
 
-Step = Wait | ListStorage | Dispatch | Reopen | NoteArrivals | DropUnmatched | Finish | Cleanup | Forget
+Step = (Wait | ListStorage | Dispatch | Reopen | NoteArrivals | DropUnmatched | KeepUnmatched | Finish | Cleanup
+        | Forget)
 
 Matcher = Callable[[Sequence[Fingerprint], SeriesAttributes], Sequence[Fingerprint]]
 
@@ -275,6 +287,8 @@ def next_step(series: SeriesState, fingerprints: Sequence[Fingerprint], now: flo
         return _receiving(series, fingerprints, now, rules, matcher)
     if series.last_received > series.arrivals_seen + SAME_TIME:
         return _arrivals_after_dispatch(series, rules)
+    if series.phase == SeriesPhase.UNMATCHED:
+        return _kept_unmatched(series, now, rules)
     if series.phase == SeriesPhase.DISPATCHED:
         return _finish_or_wait(series)
     if not series.cleaned:
@@ -314,6 +328,20 @@ def _receiving(series, fingerprints, now, rules, matcher) -> Step:
         if series.active_tasks:
             return Wait()
         return Finish(phase=_outcome(series.tasks))
+    if rules.unmatched_retention > 0:
+        return KeepUnmatched(until=now + rules.unmatched_retention)
+    return DropUnmatched(instances=tuple(sorted(series.received)))
+
+
+def _kept_unmatched(series: SeriesState, now: float, rules: Rules) -> Step:
+    """A kept unmatched series is dropped when its time is up (UNMATCHED_RETENTION may have
+    been shortened since it was kept: the shorter time counts)."""
+    since = series.finished_at if series.finished_at is not None else now
+    drop_at = since + rules.unmatched_retention
+    if now < drop_at:
+        return Wait(until=drop_at)
+    if series.received is None:
+        return ListStorage()
     return DropUnmatched(instances=tuple(sorted(series.received)))
 
 
@@ -382,6 +410,16 @@ def apply_note_arrivals(series: SeriesState, step: NoteArrivals) -> SeriesState:
     # A re-sent instance of a cleaned-up series is in storage again: clean up again.
     return replace(series, arrivals_seen=series.last_received, late_instances=step.late_instances,
                    cleaned=False)
+
+
+def apply_keep_unmatched(series: SeriesState, step: KeepUnmatched, now: float) -> SeriesState:
+    """Unmatched since `now` (finished_at); arrivals up to now were looked at."""
+    return replace(series, phase=SeriesPhase.UNMATCHED, finished_at=now, arrivals_seen=series.last_received)
+
+
+def unmatched_note(step: KeepUnmatched, now: float) -> str:
+    return (f"no fingerprint matches: kept for {step.until - now:.0f}s (UNMATCHED_RETENTION) so that a fingerprint "
+            "applied meanwhile can take it (rematch), then its instances are deleted")
 
 
 def apply_finish(series: SeriesState, step: Finish, now: float) -> SeriesState:
@@ -629,6 +667,15 @@ def give_up_message(task: TaskState) -> str:
             "on the InferenceServer under a uid the relay never learnt); not submitting a third time")
 
 
+def start_order(priority: int, queued: int) -> tuple[int, int]:
+    """Which waiting task a free worker takes first: the highest fingerprint priority, then the
+    one that has waited longest (`queued`: its place in the queue)."""
+    return (-priority, queued)
+
+
+CANCEL_PRIORITY = 1 << 30  # a cancelled task's worker goes before any waiting work: it only ends it
+
+
 class JobOutcome(StrEnum):
     """What a Kubernetes Job's conditions say (the operator's adapter reads them)."""
 
@@ -697,6 +744,7 @@ def task_id(key: SeriesKey, fingerprint: str, generation: int) -> str:
 
 class AdminAction(StrEnum):
     RETRY = "retry"  # run the failed tasks of a finished series again, from what storage still holds
+    REMATCH = "rematch"  # match a kept unmatched series again (a fingerprint was applied since)
     CANCEL = "cancel"  # stop running tasks: their work (Job, remote task) is ended, they fail
 
 
@@ -761,8 +809,27 @@ def retry_decision(series: SeriesState, task_id: str | None,
                     generation=series.generation + 1, instances=tuple(sorted(series.received)))
 
 
-def retry_note(step: Dispatch) -> str:
-    return (f"retry requested: dispatch #{step.generation} to {', '.join(step.fingerprints)} with the "
+def rematch_decision(series: SeriesState, fingerprints: Sequence[Fingerprint],
+                     matcher: Matcher) -> Dispatch | ListStorage | Refused:
+    """Match a kept unmatched series again (a fingerprint was applied since): dispatched to the
+    fingerprints it matches now, with every stored instance; refused if it still matches none."""
+    if series.phase != SeriesPhase.UNMATCHED:
+        return Refused(f"the series is {series.phase}, not Unmatched: only a kept unmatched series is "
+                       "matched again (UNMATCHED_RETENTION)")
+    if series.received is None:
+        return ListStorage()
+    if not series.received:
+        return Refused("no instance of the series is left in storage")
+    matches = matcher(fingerprints, series.attributes)
+    if not matches:
+        return Refused("it still matches no fingerprint (`isdr fingerprint test` says why)")
+    return Dispatch(fingerprints=tuple(sorted(fp.name for fp in matches)), generation=series.generation + 1,
+                    instances=tuple(sorted(series.received)))
+
+
+def request_note(action: AdminAction, step: Dispatch) -> str:
+    """What a retry or rematch dispatched (said to whoever asked, and in the log or an Event)."""
+    return (f"{action} requested: dispatch #{step.generation} to {', '.join(step.fingerprints)} with the "
             f"{len(step.instances)} instance(s) in storage")
 
 
@@ -782,6 +849,17 @@ def cancel_decision(series: SeriesState, task_id: str | None) -> CancelTasks | R
 
 
 CANCELLED = "cancelled by an administrator"
+
+
+def cancelled_remote(inference_uid: str | None, unknown_submits: int, delete_error: str | None) -> str:
+    """What became of a cancelled task's remote task (`delete_error`: why deleting it failed)."""
+    if inference_uid and delete_error is None:
+        return f"remote task {inference_uid} deleted"
+    if inference_uid:
+        return f"remote task {inference_uid} could not be deleted (it may run on): {delete_error}"
+    if unknown_submits:
+        return "a submit of unknown outcome may have created a remote task the relay never learnt of"
+    return "nothing had been submitted"
 
 
 def apply_cancel(task: TaskState, now: float, remote: str) -> TaskState:

@@ -54,6 +54,7 @@ from relay.lifecycle import (
     TaskPhase,
     TaskState,
     apply_cancel,
+    cancelled_remote,
     give_up_message,
     repeat_warning,
     submit_decision,
@@ -301,16 +302,13 @@ class TaskRunner:
     def cancel(self, spec: TaskSpec, state: TaskState) -> TaskState:
         """An administrator cancelled the task: its remote task is deleted (when it has one; a
         failed delete is said, not retried) and the task is recorded as Failed, saying so."""
+        error = None
         if state.inference_uid:
             try:
                 self._client(spec, self.work_root).delete(state.inference_uid)
-                remote = f"remote task {state.inference_uid} deleted"
             except InferenceError as exc:
-                remote = f"remote task {state.inference_uid} could not be deleted (it may run on): {exc}"
-        elif state.unknown_submits:
-            remote = "a submit of unknown outcome may have created a remote task the relay never learnt of"
-        else:
-            remote = "nothing had been submitted"
+                error = str(exc)
+        remote = cancelled_remote(state.inference_uid, state.unknown_submits, error)
         final = apply_cancel(state, time.time(), remote)
         self._save(final)
         self.warn(final.message)

@@ -9,6 +9,7 @@ moment resumes where the relay stopped.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import signal
 import threading
@@ -26,12 +27,14 @@ from relay.fingerprints.matching import matching_fingerprints
 from relay.fingerprints.model import Fingerprint
 from relay.admin_requests import Request, RequestStore
 from relay.lifecycle import (
+    CANCEL_PRIORITY,
     AdminAction,
     Cleanup,
     Dispatch,
     DropUnmatched,
     Finish,
     Forget,
+    KeepUnmatched,
     ListStorage,
     NoteArrivals,
     Refused,
@@ -44,6 +47,7 @@ from relay.lifecycle import (
     apply_cleanup,
     apply_dispatch,
     apply_finish,
+    apply_keep_unmatched,
     apply_note_arrivals,
     apply_reopen,
     arrivals_note,
@@ -52,8 +56,11 @@ from relay.lifecycle import (
     new_series,
     next_step,
     study_shares_note,
+    rematch_decision,
+    request_note,
     retry_decision,
-    retry_note,
+    start_order,
+    unmatched_note,
     with_stored,
 )
 from relay.pipeline import (
@@ -131,6 +138,8 @@ class Relay:
         self._running: set[str] = set()
         self._crashed: dict[str, float] = {}  # task id -> monotonic time it may start again
         self._running_lock = threading.Lock()
+        self._waiting: list[tuple[tuple[int, int], SeriesKey, str]] = []  # a heap, by lifecycle.start_order
+        self._queued = 0
         self._cancelled: set[str] = set()  # task ids an administrator cancelled, until they are recorded so
         self.requests = RequestStore(self.storage)
         self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
@@ -279,7 +288,7 @@ class Relay:
         if not self.registry.commit(key, revision, after):
             return False
         saved = self._persist(after)
-        self._report(state, step)
+        self._report(state, step, now)
         if saved:
             self._ensure_running(after)
         return True
@@ -293,13 +302,17 @@ class Relay:
             return apply_note_arrivals(state, step)
         if isinstance(step, Finish):
             return apply_finish(state, step, now)
+        if isinstance(step, KeepUnmatched):
+            return apply_keep_unmatched(state, step, now)
         if isinstance(step, Cleanup):
             return apply_cleanup(state, step)
         raise TypeError(f"no state change for {step!r}")
 
-    def _report(self, state: SeriesState, step) -> None:
+    def _report(self, state: SeriesState, step, now: float) -> None:
         uid = state.key.series_uid
-        if isinstance(step, Dispatch):
+        if isinstance(step, KeepUnmatched):
+            log.info("series %s (modality %s): %s", uid, state.attributes.modality or "?", unmatched_note(step, now))
+        elif isinstance(step, Dispatch):
             log.info("series %s complete with %d instances: dispatch #%d to %s%s", uid, len(step.instances),
                      step.generation, ", ".join(step.fingerprints), study_shares_note(step))
         elif isinstance(step, Reopen):
@@ -342,8 +355,24 @@ class Relay:
             self._running.add(task.task_id)
         if not task.finished:  # (a finished one only has its remote delete left)
             metrics.task_started(task.task_id, task.fingerprint)
-        self._pool.submit(self._run_task, key, task.task_id)
+        fingerprint = self.fingerprints.by_name(task.fingerprint)
+        self._enqueue(key, task.task_id, fingerprint.priority if fingerprint else 0)
         return True
+
+    def _enqueue(self, key: SeriesKey, task_id: str, priority: int) -> None:
+        """Queue a task for a worker; a free worker takes the waiting task that start_order puts
+        first (the fingerprint's priority: a stroke protocol does not wait behind a backlog)."""
+        with self._running_lock:
+            self._queued += 1
+            heapq.heappush(self._waiting, (start_order(priority, self._queued), key, task_id))
+        self._pool.submit(self._run_next)  # one pool job per queued task, each runs the first waiting
+
+    def _run_next(self) -> None:
+        with self._running_lock:
+            if not self._waiting:
+                return
+            _order, key, task_id = heapq.heappop(self._waiting)
+        self._run_task(key, task_id)
 
     def _run_task(self, key: SeriesKey, task_id: str) -> None:
         def say(line: str) -> None:
@@ -448,16 +477,19 @@ class Relay:
             state, revision = read
             if request.action == AdminAction.CANCEL:
                 return self._cancel(key, cancel_decision(state, request.task))
-            names = [fp.name for fp in fingerprints]
-            decision = retry_decision(state, request.task, names)
+            if request.action == AdminAction.REMATCH:
+                decide = lambda s: rematch_decision(s, fingerprints, self.matcher)  # noqa: E731
+            else:
+                decide = lambda s: retry_decision(s, request.task, [fp.name for fp in fingerprints])  # noqa: E731
+            decision = decide(state)
             if isinstance(decision, ListStorage):
                 state = with_stored(state, *stored_instances(self.storage, key))
-                decision = retry_decision(state, request.task, names)
+                decision = decide(state)
             if isinstance(decision, Refused):
                 return False, decision.reason
             if self._carry_out(key, revision, state, decision, now):
-                log.warning("series %s: %s", key.series_uid, retry_note(decision))
-                return True, retry_note(decision)
+                log.warning("series %s: %s", key.series_uid, request_note(request.action, decision))
+                return True, request_note(request.action, decision)
         return False, "the series kept changing; ask again"
 
     def _cancel(self, key: SeriesKey, decision) -> tuple[bool, str]:
@@ -472,5 +504,5 @@ class Relay:
                 if start:
                     self._running.add(task_id)
             if start:
-                self._pool.submit(self._run_task, key, task_id)
+                self._enqueue(key, task_id, CANCEL_PRIORITY)
         return True, f"cancelling task(s) {', '.join(decision.task_ids)}"

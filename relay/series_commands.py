@@ -1,7 +1,8 @@
-"""`isdr series list|retry|cancel`: an administrator's view of, and hand on, a running `isdr run`.
+"""`isdr series list|retry|rematch|cancel`: an administrator's view of, and hand on, a running
+`isdr run`.
 
 `list` reads the relay's storage (its state documents, the task records and the stored
-instances), so it works whether or not the relay runs. `retry` and `cancel` leave a request in
+instances), so it works whether or not the relay runs. `retry`, `rematch` and `cancel` leave a request in
 that storage for the running relay (relay.admin_requests) and print its answer. Nothing printed
 identifies a patient: series are named by their Series Instance UID, as in the relay's log.
 """
@@ -27,10 +28,11 @@ from relay.uids import SeriesKey, parse_instance_key
 EXIT_OK, EXIT_REFUSED, EXIT_UNUSABLE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 SERIES_DESCRIPTION = """\
-Look at the series of an `isdr run` relay, and retry or cancel their inference tasks.
+Look at the series of an `isdr run` relay; retry or cancel their inference tasks, rematch the
+unmatched ones.
 
 The relay is found through its storage: the same settings as `isdr run` (INCOMING_DIR, or
-STORAGE=s3 with S3_BUCKET...), or --incoming-dir. `list` only reads; `retry` and `cancel` leave
+STORAGE=s3 with S3_BUCKET...), or --incoming-dir. `list` only reads; the others leave
 a request there that the running relay carries out at its next look (POST_INTERVAL), and print
 its answer. Reference: docs/administration.md"""
 
@@ -39,11 +41,12 @@ examples:
   isdr series list
   isdr series list --tasks
   isdr series retry 1.2.826.0.1.3680043.8.498.1
+  isdr series rematch 1.2.826.0.1.3680043.8.498.2
   isdr series cancel 1.2.826.0.1.3680043.8.498.1 --task ct-thorax-0a1b2c3d4e-1"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("series", help="list the series of `isdr run`, retry or cancel their tasks",
+    parser = subparsers.add_parser("series", help="list the series of `isdr run`; retry, cancel or rematch them",
                                    description=SERIES_DESCRIPTION, epilog=SERIES_EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="series_command", metavar="COMMAND", required=True)
@@ -64,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
          "A new dispatch to each fingerprint whose latest task failed (or only --task's), with the "
          "instances still in storage, through the fingerprint as it is now. Refused for a series "
          "still receiving or running, with nothing failed, or whose instances were deleted."),
+        (AdminAction.REMATCH, "match a kept unmatched series against the fingerprints as they are now",
+         "For a series no fingerprint matched, kept for UNMATCHED_RETENTION seconds (default 0: not "
+         "kept): once the right fingerprint is in FINGERPRINT_DIR, the series is dispatched to every "
+         "fingerprint it matches now, with all its stored instances. Refused if it still matches none."),
         (AdminAction.CANCEL, "cancel the running tasks of a series",
          "Each running task (or only --task) stops at its next step, its task on the InferenceServer "
          "is deleted, and it is recorded as Failed ('cancelled by an administrator'); `retry` can "
@@ -91,9 +98,8 @@ def _open(args) -> Storage | None:
     except ConfigError as exc:
         print(f"isdr series: {exc}", file=sys.stderr)
         return None
-    if settings.storage == "local" and not (settings.incoming_dir / "state").is_dir() \
-            and not (settings.incoming_dir / "series").is_dir():
-        print(f"isdr series: {settings.incoming_dir} holds no relay data (set INCOMING_DIR or --incoming-dir)",
+    if settings.storage == "local" and not settings.incoming_dir.is_dir():
+        print(f"isdr series: {settings.incoming_dir} does not exist (set INCOMING_DIR or --incoming-dir)",
               file=sys.stderr)
         return None
     return open_storage(settings)

@@ -28,6 +28,7 @@ from relay.kube.resources import (
     LABEL_STUDY,
     LABEL_TASK,
     MATCHED_SERIES,
+    REQUEST_EVENTS,
     SUCCEEDED_TASKS,
     EventReason,
     TaskReport,
@@ -35,21 +36,27 @@ from relay.kube.resources import (
     decision_status,
     dispatch_status,
     failed_task_status,
+    failed_tasks_status,
     finish_status,
     from_rfc3339,
     has_received,
     job_outcome,
+    pending_request,
+    request_status,
     series_state,
     status_unchanged,
     task_change,
 )
 from relay.lifecycle import (
+    AdminAction,
+    CancelTasks,
     Cleanup,
     Dispatch,
     DropUnmatched,
     Finish,
     Forget,
     JobOutcome,
+    KeepUnmatched,
     ListStorage,
     NoteArrivals,
     PendingTaskAction,
@@ -59,18 +66,25 @@ from relay.lifecycle import (
     TaskPhase,
     TaskState,
     Wait,
+    apply_cancel,
     apply_cleanup,
     apply_dispatch,
     apply_finish,
+    apply_keep_unmatched,
     apply_note_arrivals,
     apply_reopen,
     arrivals_note,
+    cancel_decision,
     forget_note,
     next_step,
     pending_task_action,
     possible_duplicate_note,
     study_shares_note,
+    rematch_decision,
+    retry_decision,
+    request_note,
     task_phase_from_job,
+    unmatched_note,
     with_stored,
 )
 from relay.pipeline import work_folder
@@ -78,6 +92,7 @@ from relay.state_store import DispatchStore, StudyStore, TaskStore, read_task
 from relay.storage.base import Storage
 from relay.storage.instances import stored_instances
 
+from isdr_operator.cancel import cancel_task
 from isdr_operator.fingerprints import FingerprintSet
 from isdr_operator.jobs import build_job
 from isdr_operator.settings import OperatorSettings
@@ -119,6 +134,8 @@ class SeriesDriver:
         without reading anything: an old, finished series costs nothing."""
         if body["metadata"].get("deletionTimestamp") or not has_received(body):
             return None
+        if pending_request(body) is not None:
+            return 0.0  # an administrator's retry, cancel or rematch: fresh work, whatever the phase
         state = series_state(body)
         if state.phase == SeriesPhase.DISPATCHED and self._jobs_to_create(state):
             return 0.0
@@ -152,6 +169,9 @@ class SeriesDriver:
         if not has_received(body):
             return None  # just created; the receiver's status write (an event) brings it back
         state = series_state(body)
+        request = pending_request(body)
+        if request is not None:
+            return self._request(body, state, *request, now)
         study_wait = None
         if state.attributes.study_uid and any(task.phase == TaskPhase.WAITING for task in state.tasks):
             study_wait = self.studies.step(state.attributes.study_uid)
@@ -178,6 +198,8 @@ class SeriesDriver:
             return self._arrivals(body, state, step)
         if isinstance(step, DropUnmatched):
             return self._drop_unmatched(body, state, step)
+        if isinstance(step, KeepUnmatched):
+            return self._keep_unmatched(body, state, step, now)
         if isinstance(step, Finish):
             return self._finish(body, state, step, now)
         if isinstance(step, Cleanup):
@@ -186,15 +208,16 @@ class SeriesDriver:
             return self._forget(body, state, step)
         raise TypeError(f"unexpected step {step!r}")
 
-    def _dispatch(self, body, state: SeriesState, step: Dispatch, now: float) -> float:
+    def _dispatch(self, body, state: SeriesState, step: Dispatch, now: float, answer: dict | None = None) -> float:
         # What is sent is recorded first (in storage: the Jobs read it there), then the decision
         # (guarded by resourceVersion), then the Jobs from the decision: a lost race or a crash
         # in between leaves at most Pending tasks whose Jobs the next step creates, never a Job
-        # that no record knows of.
+        # that no record knows of. `answer`: the answer to a retry request, written with it.
         dispatched = apply_dispatch(state, step, now)
         self.dispatches.save(state.key, dispatched.dispatches[-1])
         new_tasks = [t for t in dispatched.tasks if t.generation == step.generation]
-        body = self._write(body, dispatch_status(body, dispatched, new_tasks, len(step.instances), now))
+        body = self._write(body, {**dispatch_status(body, dispatched, new_tasks, len(step.instances), now),
+                                  **(answer or {})})
         self._ensure_jobs(body, series_state(body))
         waited = now - state.last_received
         jobs = [t.task_id for t in new_tasks if t.phase != TaskPhase.WAITING]
@@ -263,6 +286,14 @@ class SeriesDriver:
         log.info("series %s: %s (%d)", state.key.series_uid, message, len(step.instances))
         return None
 
+    def _keep_unmatched(self, body, state: SeriesState, step: KeepUnmatched, now: float) -> float:
+        self._write(body, decision_status(apply_keep_unmatched(state, step, now)))
+        message = (f"modality {state.attributes.modality or '-'}, SOP class {state.key.sop_class_uid}: "
+                   f"{unmatched_note(step, now)}")
+        self.api.event(body, EventReason.UNMATCHED, message)
+        log.info("series %s: %s", state.key.series_uid, message)
+        return max(0.05, step.until - now)
+
     def _finish(self, body, state: SeriesState, step: Finish, now: float) -> float:
         ok = step.phase == SeriesPhase.SUCCEEDED
         status, message = finish_status(body, apply_finish(state, step, now), ok, now)
@@ -324,6 +355,50 @@ class SeriesDriver:
             elif counter == FAILED_TASKS:
                 self.api.event(body, EventReason.TASK_FAILED, f"Job {task_id} failed", warning=True)
             return
+
+    # --- an administrator's requests: the isdr.io/retry and isdr.io/cancel annotations ---
+
+    def _request(self, body, state: SeriesState, action: AdminAction, value: str, now: float) -> float:
+        """Answer one new request annotation: carried out as the rules decide, or refused; either
+        way the answer (status.requests) is written with the decision, and said in an Event."""
+        if action in (AdminAction.RETRY, AdminAction.REMATCH):
+            ready = self.fingerprints.ready()
+            if action == AdminAction.RETRY:
+                decide = lambda s: retry_decision(s, None, [fp.name for fp in ready])  # noqa: E731
+            else:
+                decide = lambda s: rematch_decision(s, ready, matching_fingerprints)  # noqa: E731
+            decision = decide(state)
+            if isinstance(decision, ListStorage):
+                state = with_stored(state, *stored_instances(self.storage, state.key))
+                state = replace(state, dispatches=self.dispatches.load_all(state.key))
+                decision = decide(state)
+            if isinstance(decision, Dispatch):
+                note = request_note(action, decision)
+                self._dispatch(body, state, decision, now, request_status(action, value, True, note, now))
+                self._say_answer(body, state, action, True, note)
+                return TASK_CHECK_INTERVAL
+        else:
+            decision = cancel_decision(state, None)
+            if isinstance(decision, CancelTasks):
+                messages = {task_id: apply_cancel(task, now, cancel_task(
+                    self.api, self.settings, self.storage, task, self.fingerprints.body(task.fingerprint))).message
+                    for task_id in decision.task_ids if (task := state.task(task_id))}
+                note = "; ".join(f"{task_id}: {message}" for task_id, message in messages.items())
+                self._write(body, {**failed_tasks_status(body, messages, now),
+                                   **request_status(action, value, True, note, now)})
+                for task_id in messages:
+                    metrics.task_finished(task_id, state.task(task_id).fingerprint, TaskPhase.FAILED)
+                self._say_answer(body, state, action, True, note)
+                return 0.05
+        self._write(body, request_status(action, value, False, decision.reason, now))
+        self._say_answer(body, state, action, False, decision.reason)
+        return 0.05
+
+    def _say_answer(self, body, state: SeriesState, action: AdminAction, accepted: bool, message: str) -> None:
+        self.api.event(body, REQUEST_EVENTS[action, accepted], message, warning=not accepted or
+                       action == AdminAction.CANCEL)
+        (log.warning if accepted else log.info)("series %s: %s %s: %s", state.key.series_uid, action,
+                                               "carried out" if accepted else "refused", message)
 
     # --- writes, each guarded by the resourceVersion the decision was made on ---
 

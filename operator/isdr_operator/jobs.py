@@ -157,7 +157,7 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
-    pod_spec.update(scheduling(settings))
+    pod_spec.update(scheduling(settings, fingerprint_body["spec"].get("priorityClassName")))
 
     metadata = {
         "name": task.task_id,
@@ -184,9 +184,10 @@ def build_job(*, task: TaskState, key: SeriesKey, series_name: str, fingerprint_
     }
 
 
-def scheduling(settings: JobSettings) -> dict:
+def scheduling(settings: JobSettings, priority_class_name: str | None = None) -> dict:
     """Where the Job's pod may run: the chart's job.nodeSelector, tolerations, affinity and
-    priorityClassName, as given (the API server validates them)."""
+    priorityClassName, as given (the API server validates them); the Fingerprint's own
+    spec.priorityClassName (`priority_class_name`) wins over the chart's."""
     fields = {}
     if settings.node_selector:
         fields["nodeSelector"] = dict(settings.node_selector)
@@ -194,8 +195,8 @@ def scheduling(settings: JobSettings) -> dict:
         fields["tolerations"] = list(settings.tolerations)
     if settings.affinity:
         fields["affinity"] = dict(settings.affinity)
-    if settings.priority_class_name:
-        fields["priorityClassName"] = settings.priority_class_name
+    if priority_class_name or settings.priority_class_name:
+        fields["priorityClassName"] = priority_class_name or settings.priority_class_name
     return fields
 
 

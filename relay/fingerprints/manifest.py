@@ -166,6 +166,7 @@ def _build(manifest: Mapping[str, Any], source: str) -> Fingerprint:
         ),
         source=source,
         study=_study_rules(spec.get("study")),
+        priority=int(spec.get("priority") or 0),
     )
 
 
@@ -295,7 +296,8 @@ def fingerprint_to_manifest(fp: Fingerprint) -> dict[str, Any]:
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": fp.name},
-        "spec": {**spec, "inferenceServer": server_spec, "destinations": [_destination_spec(d) for d in fp.destinations]},
+        "spec": {**spec, "inferenceServer": server_spec, "destinations": [_destination_spec(d) for d in fp.destinations],
+                 **({"priority": fp.priority} if fp.priority else {})},
     }
 
 

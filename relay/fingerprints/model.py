@@ -118,6 +118,9 @@ class Fingerprint:
     destinations: tuple[Destination, ...] = field(default_factory=tuple)
     source: str = ""  # where it was read from, for messages (a file path, or namespace/name)
     study: StudyRules | None = None
+    # Which waiting task `isdr run` starts first (higher first). On Kubernetes the Jobs' pods
+    # are ordered by the scheduler, through spec.priorityClassName (read by the operator).
+    priority: int = 0
 
     @property
     def level(self) -> str:

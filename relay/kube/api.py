@@ -299,6 +299,19 @@ class KubeApi:
             return f"{kind} {name} has no key {key!r}"
         return None
 
+    def key_text(self, kind: str, name: str, key: str) -> str:
+        """The text under `key` of a ConfigMap or Secret (NotFound when it or the key is missing)."""
+        import base64
+
+        read = self.core.read_namespaced_config_map if kind == "ConfigMap" else self.core.read_namespaced_secret
+        obj = self._call(read, name, self.namespace)
+        if kind == "ConfigMap" and key in (obj.data or {}):
+            return obj.data[key]
+        encoded = (obj.data or {}).get(key) if kind == "Secret" else (obj.binary_data or {}).get(key)
+        if encoded is None:
+            raise NotFound(f"{kind} {name} has no key {key!r}", 404)
+        return base64.b64decode(encoded).decode()
+
     # --- Jobs ---
 
     def jobs_listing(self) -> "Listing":
@@ -327,6 +340,14 @@ class KubeApi:
             self._call(self.batch.create_namespaced_job, self.namespace, job)
             return True
         except Conflict:
+            return False
+
+    def delete_job(self, name: str) -> bool:
+        """Delete a Job and (in the background) its pods; False when it was gone already."""
+        try:
+            self._call(self.batch.delete_namespaced_job, name, self.namespace, propagation_policy="Background")
+            return True
+        except NotFound:
             return False
 
     # --- kopf's peering ---

@@ -20,6 +20,7 @@ from relay.fingerprints.model import SeriesAttributes
 from relay.lifecycle import (
     TERMINAL_TASK_PHASES,
     FailStudy,
+    AdminAction,
     JobOutcome,
     SeriesPhase,
     SeriesState,
@@ -55,6 +56,11 @@ MANAGED_BY = "isdr-operator"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 PART_OF = "isdr"
 ANNOTATION_SERIES_UID = "isdr.io/series-instance-uid"
+# An administrator's requests on a DicomSeries: `kubectl annotate dicomseries NAME isdr.io/retry=<a
+# new value> --overwrite`. The operator answers each new value once, in status.requests.
+ANNOTATION_RETRY = "isdr.io/retry"
+ANNOTATION_CANCEL = "isdr.io/cancel"
+ANNOTATION_REMATCH = "isdr.io/rematch"
 
 
 class ConditionType(StrEnum):
@@ -93,6 +99,12 @@ class EventReason(StrEnum):
     FAILED = "Failed"
     STUDY_STARTED = "StudyStarted"  # a study-level fingerprint's task starts, with this series
     STUDY_FAILED = "StudyFailed"  # ... or fails: its missing series did not come in time
+    RETRIED = "Retried"  # an administrator's isdr.io/retry, carried out
+    RETRY_REFUSED = "RetryRefused"
+    CANCELLED = "Cancelled"  # an administrator's isdr.io/cancel, carried out
+    CANCEL_REFUSED = "CancelRefused"
+    REMATCHED = "Rematched"  # an administrator's isdr.io/rematch, carried out
+    REMATCH_REFUSED = "RematchRefused"
 
 
 # Counters on a Fingerprint's status.
@@ -430,11 +442,55 @@ def study_share_status(body: dict, step: StartStudy | FailStudy, now: float) -> 
 
 def failed_task_status(body: dict, task_id: str, message: str, now: float) -> dict:
     """status.tasks with task `task_id` Failed for `message`."""
+    return failed_tasks_status(body, {task_id: message}, now)
+
+
+def failed_tasks_status(body: dict, messages: Mapping[str, str], now: float) -> dict:
+    """status.tasks with each task of `messages` (task id -> message) Failed for its message."""
     entries = _entries(body)
     for entry in entries:
-        if entry["taskId"] == task_id:
-            entry.update(phase=str(TaskPhase.FAILED), message=message, completionTime=to_rfc3339(now))
+        if entry["taskId"] in messages:
+            entry.update(phase=str(TaskPhase.FAILED), message=messages[entry["taskId"]][:1000],
+                         completionTime=to_rfc3339(now))
     return tasks_status(entries)
+
+
+# --- DicomSeries: an administrator's requests (annotations), and the operator's answers ----------
+
+REQUEST_ANNOTATIONS = {AdminAction.RETRY: ANNOTATION_RETRY, AdminAction.REMATCH: ANNOTATION_REMATCH,
+                       AdminAction.CANCEL: ANNOTATION_CANCEL}
+REQUEST_EVENTS = {(AdminAction.RETRY, True): EventReason.RETRIED, (AdminAction.RETRY, False): EventReason.RETRY_REFUSED,
+                  (AdminAction.REMATCH, True): EventReason.REMATCHED,
+                  (AdminAction.REMATCH, False): EventReason.REMATCH_REFUSED,
+                  (AdminAction.CANCEL, True): EventReason.CANCELLED,
+                  (AdminAction.CANCEL, False): EventReason.CANCEL_REFUSED}
+
+
+MAX_REQUEST_VALUE = 256  # longer annotation values are answered under their digest
+
+
+def _request_value(value: str) -> str:
+    if len(value) <= MAX_REQUEST_VALUE:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def pending_request(body: dict) -> tuple[AdminAction, str] | None:
+    """The first request annotation whose value the operator has not answered yet
+    (status.requests.<action>.value is the last one it answered), with that value."""
+    annotations = body["metadata"].get("annotations") or {}
+    answered = _status(body).get("requests") or {}
+    for action, annotation in REQUEST_ANNOTATIONS.items():
+        value = annotations.get(annotation)
+        if isinstance(value, str) and (answered.get(str(action)) or {}).get("value") != _request_value(value):
+            return action, _request_value(value)
+    return None
+
+
+def request_status(action: AdminAction, value: str, accepted: bool, message: str, now: float) -> dict:
+    """The operator's answer to one request annotation (a merge patch of status.requests)."""
+    return {"requests": {str(action): {"value": value, "accepted": accepted, "message": message[:1000],
+                                       "time": to_rfc3339(now)}}}
 
 
 def finish_status(body: dict, finished: SeriesState, ok: bool, now: float) -> tuple[dict, str]:

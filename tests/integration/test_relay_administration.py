@@ -139,3 +139,64 @@ def test_a_running_task_is_cancelled_and_its_remote_task_deleted(tmp_path, pacs,
         assert pacs.files() == []
     finally:
         emulator.stop()
+
+
+def test_with_one_worker_a_high_priority_series_goes_before_the_waiting_backlog(tmp_path, pacs, relays):
+    emulator = EmulatorProcess(tmp_path / "slow-emulator", delay=10)  # each model run takes 10 s
+    try:
+        relay = relays(env={"WORKERS": "1"})
+        for name, priority in (("routine", 0), ("stroke", 100)):
+            fingerprint = manifest(name, emulator.base_url, f"toy-{name}", pacs)
+            fingerprint["spec"]["match"]["seriesDescription"] = name
+            fingerprint["spec"]["priority"] = priority
+            relay.add_manifest(fingerprint)
+        relay.start()
+        first = write_ct_series(tmp_path / "first", count=1, rows=16, cols=16, series_description="routine 1")
+        send(relay, first)
+        wait_until(lambda: phase_of(relay, series_uid(first)) == "Dispatched" and emulator.stats()["submits"] == 1,
+                   what="the first routine task running (the only worker busy)")
+
+        for name in ("routine 2", "routine 3", "stroke"):  # waiting behind it, the stroke series last
+            send(relay, write_ct_series(tmp_path / name.replace(" ", ""), count=1, rows=16, cols=16,
+                                        series_description=name))
+        wait_until(lambda: sum(row["phase"] == "Dispatched" for row in listed(relay)) == 4, what="all dispatched")
+        assert emulator.stats()["submits"] == 1, "the first task ended before the others waited: a slower machine?"
+
+        wait_until(lambda: emulator.stats()["submits"] == 4, timeout=120, what="every task submitted")
+        assert [t["model"] for t in emulator.stats()["tasks"]] == ["toy-routine", "toy-stroke", "toy-routine",
+                                                                   "toy-routine"]
+    finally:
+        emulator.stop()
+
+
+def test_an_unmatched_series_is_kept_and_rematched_once_its_fingerprint_is_added(tmp_path, emulator, pacs, relays):
+    relay = relays(env={"UNMATCHED_RETENTION": "600"})
+    relay.add_manifest(manifest("mr-only", emulator.base_url, "toy", pacs, modality="^MR$"))
+    relay.start()
+    series = write_ct_series(tmp_path / "ct", count=3, rows=16, cols=16)
+    send(relay, series)
+    uid = series_uid(series)
+    wait_until(lambda: phase_of(relay, uid) == "Unmatched", what="series kept unmatched")
+    assert len(relay.stored_instances()) == 3
+    assert isdr(relay, "series", "rematch", uid).stdout.startswith("refused: it still matches no fingerprint")
+
+    relay.add_manifest(manifest("ct", emulator.base_url, "toy", pacs))
+    rematched = isdr(relay, "series", "rematch", uid)
+
+    assert rematched.returncode == 0, rematched.stdout + rematched.stderr
+    assert "dispatch #1 to ct with the 3 instance(s)" in rematched.stdout
+    assert len(pacs.wait_for_files(1)) == 1
+
+
+def test_without_unmatched_retention_an_unmatched_series_is_gone_and_cannot_be_rematched(
+        tmp_path, emulator, pacs, relays):
+    relay = relays()
+    relay.add_manifest(manifest("mr-only", emulator.base_url, "toy", pacs, modality="^MR$"))
+    relay.start()
+    series = write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16)
+    send(relay, series)
+    relay.wait_for_log("matches no fingerprint")
+
+    refused = isdr(relay, "series", "rematch", series_uid(series))
+
+    assert refused.returncode == 1 and "knows no series" in refused.stdout and not relay.stored_instances()

@@ -1,12 +1,15 @@
-"""An administrator's requests, as life-cycle rules: what `isdr series retry|cancel` and the
-isdr.io/retry and isdr.io/cancel annotations do to a series, in both modes."""
+"""An administrator's requests, as life-cycle rules: what `isdr series retry|rematch|cancel` and the
+isdr.io/retry, isdr.io/rematch and isdr.io/cancel annotations do to a series, in both modes; and
+unmatched series kept for UNMATCHED_RETENTION."""
 
 from dataclasses import replace
 
-from relay.lifecycle import (CANCELLED, CancelTasks, Dispatch, ListStorage, Refused, SeriesPhase, TaskPhase,
-                             apply_cancel, apply_dispatch, apply_finish, cancel_decision, next_step,
+from relay.lifecycle import (CANCELLED, CancelTasks, Dispatch, DropUnmatched, KeepUnmatched, ListStorage, Refused,
+                             Reopen, SeriesPhase, TaskPhase, Wait, apply_cancel, apply_dispatch, apply_finish,
+                             apply_keep_unmatched, cancel_decision, next_step, on_instance, rematch_decision,
                              retry_decision, update_task)
-from tests.unit.test_lifecycle import RULES, dispatched, finish_tasks, match_modality, received, step
+from tests.unit.test_lifecycle import (CT, KEY, RULES, dispatched, finish_tasks, fingerprint, match_modality, received,
+                                       step)
 
 
 def ended(*outcomes, uids=("1.1", "1.2")):
@@ -103,3 +106,56 @@ def test_a_cancelled_task_failed_and_says_why_and_what_became_of_its_remote_task
 
     assert cancelled.phase == FAILED and not cancelled.remote_delete_pending
     assert cancelled.message == f"{CANCELLED}; remote task X deleted"
+
+
+# --- unmatched series kept (UNMATCHED_RETENTION), and matched again --------------------------------
+
+KEEPING = replace(RULES, unmatched_retention=600.0)
+
+
+def unmatched(now=111.0):
+    series = received("1.1", "1.2")
+    decision = next_step(series, [fingerprint("mr", modality="MR")], now, KEEPING, match_modality)
+    assert decision == KeepUnmatched(until=now + 600.0)
+    return apply_keep_unmatched(series, decision, now)
+
+
+def test_by_default_an_unmatched_series_is_dropped_at_once():
+    assert isinstance(step(received("1.1"), 111.0, fingerprints=[fingerprint("mr", "MR")]), DropUnmatched)
+
+
+def test_a_kept_unmatched_series_waits_then_is_dropped_with_its_instances():
+    series = unmatched()
+
+    assert series.phase == SeriesPhase.UNMATCHED
+    assert next_step(series, [], 500.0, KEEPING, match_modality) == Wait(until=711.0)
+    assert next_step(series, [], 711.0, KEEPING, match_modality) == DropUnmatched(instances=("1.1", "1.2"))
+
+
+def test_a_shortened_retention_drops_a_kept_series_sooner():
+    shorter = replace(KEEPING, unmatched_retention=10.0)
+
+    assert isinstance(next_step(unmatched(), [], 121.0, shorter, match_modality), DropUnmatched)
+
+
+def test_a_new_instance_reopens_a_kept_unmatched_series():
+    series = on_instance(unmatched(), KEY, CT, "1.3", 200.0)
+
+    assert isinstance(next_step(series, [], 200.0, KEEPING, match_modality), Reopen)
+
+
+def test_rematch_dispatches_a_kept_series_to_the_fingerprints_it_matches_now():
+    series = unmatched()
+
+    decision = rematch_decision(series, [fingerprint("ct", modality="CT"), fingerprint("mr", modality="MR")],
+                                match_modality)
+
+    assert decision == Dispatch(fingerprints=("ct",), generation=1, instances=("1.1", "1.2"))
+    assert apply_dispatch(series, decision, 300.0).phase == SeriesPhase.DISPATCHED
+
+
+def test_rematch_is_refused_when_nothing_matches_or_the_series_is_not_kept_unmatched():
+    assert "still matches no fingerprint" in rematch_decision(unmatched(), [fingerprint("mr", "MR")],
+                                                              match_modality).reason
+    assert "not Unmatched" in rematch_decision(ended(FAILED), [fingerprint("a")], match_modality).reason
+    assert rematch_decision(replace(unmatched(), received=None), [], match_modality) == ListStorage()

@@ -11,7 +11,7 @@ from relay.cli import build_parser, main
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SUBCOMMANDS = ["run", "scp", "operator", "job", "echo", "fingerprint", "fingerprint convert", "fingerprint check", "fingerprint test",
-               "series", "series list", "series retry", "series cancel",
+               "series", "series list", "series retry", "series rematch", "series cancel",
                "emulator", "sample", "sample ct", "sample small"]
 
 

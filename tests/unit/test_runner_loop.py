@@ -161,3 +161,26 @@ def test_a_restart_resumes_from_the_documents_and_reconciles_with_storage(relay,
         assert again.registry.get(KEY).phase == SeriesPhase.RECEIVING  # the new instance re-opened it
     finally:
         again._pool.shutdown(wait=False)
+
+
+def test_a_free_worker_takes_the_waiting_task_of_the_highest_priority_first(tmp_path):
+    relay = Relay(Settings(incoming_dir=tmp_path / "data", fingerprint_dir=tmp_path / "fps", workers=1),
+                  storage=LocalStorage(tmp_path / "data"))
+    ran, first_started, release = [], threading.Event(), threading.Event()
+
+    def run(key, task_id):
+        ran.append(task_id)
+        first_started.set()
+        assert release.wait(DEADLOCK)
+
+    relay._run_task = run
+    try:
+        relay._enqueue(KEY, "routine-1", 0)  # takes the only worker
+        assert first_started.wait(DEADLOCK)
+        for task_id, priority in (("routine-2", 0), ("stroke-1", 100), ("research", -5), ("stroke-2", 100)):
+            relay._enqueue(KEY, task_id, priority)
+        release.set()
+    finally:
+        relay._pool.shutdown(wait=True)
+
+    assert ran == ["routine-1", "stroke-1", "stroke-2", "routine-2", "research"]
