@@ -132,11 +132,16 @@ class RequestStore:
                 self.storage.delete([info.key])
         return sorted(found, key=lambda r: r.at)
 
-    def answer(self, request_id: str, accepted: bool, message: str, now: float) -> None:
+    def answer(self, request_id: str, accepted: bool, message: str, now: float, keep_request: bool = False) -> None:
         """Say what became of a request, and drop it (the answer first: a crash in between
-        repeats the request, whose rules then refuse what is already done)."""
+        repeats the request, whose rules then refuse what is already done). `keep_request`:
+        it is not done yet (a cancel, until its tasks are recorded as ended; then `done`)."""
         self.storage.put_state(f"{ANSWER_PREFIX}{request_id}.json", json.dumps(
             asdict(Answer(request_id, accepted, message, now))).encode())
+        if not keep_request:
+            self.done(request_id)
+
+    def done(self, request_id: str) -> None:
         self.storage.delete([f"{REQUEST_PREFIX}{request_id}.json"])
 
     def sweep_answers(self, now: float) -> int:

@@ -140,7 +140,8 @@ class Relay:
         self._running_lock = threading.Lock()
         self._waiting: list[tuple[tuple[int, int], SeriesKey, str]] = []  # a heap, by lifecycle.start_order
         self._queued = 0
-        self._cancelled: set[str] = set()  # task ids an administrator cancelled, until they are recorded so
+        self._cancelled: set[str] = set()
+        self._cancelling: dict[str, tuple[SeriesKey, tuple[str, ...]]] = {}  # cancel request id -> its tasks  # task ids an administrator cancelled, until they are recorded so
         self.requests = RequestStore(self.storage)
         self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
         self._stop = threading.Event()
@@ -449,6 +450,9 @@ class Relay:
 
     def handle_requests(self, fingerprints, now: float) -> None:
         for request in self.requests.pending():
+            if request.id in self._cancelling:
+                self._cancel_recorded(request.id)
+                continue
             try:
                 accepted, message = self._carry_out_request(request, fingerprints, now)
             except Exception as exc:  # one bad request must not stop the scheduler
@@ -456,8 +460,19 @@ class Relay:
                 accepted, message = False, f"failed: {exc}"
             log.info("request %s: %s of series %s%s: %s", request.id, request.action, request.series,
                      f" task {request.task}" if request.task else "", message)
-            self.writes.attempt(lambda: self.requests.answer(request.id, accepted, message, now),
+            # A cancel is answered at once, and its request kept until every task it stops is
+            # recorded as ended: a restart in between carries it out again.
+            keep = request.id in self._cancelling
+            self.writes.attempt(lambda: self.requests.answer(request.id, accepted, message, now, keep_request=keep),
                                 f"the answer to request {request.id}")
+
+    def _cancel_recorded(self, request_id: str) -> None:
+        """Drop a cancel request once each task it stopped is recorded as ended."""
+        key, task_ids = self._cancelling[request_id]
+        state = self.registry.get(key)
+        if state is None or all((task := state.task(t)) is None or task.finished for t in task_ids):
+            del self._cancelling[request_id]
+            self.writes.attempt(lambda: self.requests.done(request_id), f"request {request_id}")
 
     def _carry_out_request(self, request: Request, fingerprints, now: float) -> tuple[bool, str]:
         keys = [key for key in self.registry.keys() if key.series_uid == request.series]
@@ -476,7 +491,7 @@ class Relay:
                 return False, "the series was forgotten meanwhile"
             state, revision = read
             if request.action == AdminAction.CANCEL:
-                return self._cancel(key, cancel_decision(state, request.task))
+                return self._cancel(key, cancel_decision(state, request.task), request.id)
             if request.action == AdminAction.REMATCH:
                 decide = lambda s: rematch_decision(s, fingerprints, self.matcher)  # noqa: E731
             else:
@@ -492,11 +507,12 @@ class Relay:
                 return True, request_note(request.action, decision)
         return False, "the series kept changing; ask again"
 
-    def _cancel(self, key: SeriesKey, decision) -> tuple[bool, str]:
+    def _cancel(self, key: SeriesKey, decision, request_id: str) -> tuple[bool, str]:
         """Each task's worker stops at its next step (a running upload ends first), deletes the
         remote task and records the task as Failed; a task waiting for a worker gets one now."""
         if isinstance(decision, Refused):
             return False, decision.reason
+        self._cancelling[request_id] = (key, decision.task_ids)
         for task_id in decision.task_ids:
             with self._running_lock:
                 self._cancelled.add(task_id)

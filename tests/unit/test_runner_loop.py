@@ -184,3 +184,31 @@ def test_a_free_worker_takes_the_waiting_task_of_the_highest_priority_first(tmp_
         relay._pool.shutdown(wait=True)
 
     assert ran == ["routine-1", "stroke-1", "stroke-2", "routine-2", "research"]
+
+
+def test_a_cancel_is_answered_at_once_and_its_request_kept_until_its_task_is_recorded_as_ended(relay):
+    from relay.admin_requests import Request, RequestStore
+    from relay.lifecycle import AdminAction
+
+    arrive(relay, "1.1", 100.0)
+    relay.tick(now=200.0)  # dispatched: one task, running
+    (task,) = relay.registry.get(KEY).tasks
+    enqueued = []
+    relay._enqueue = lambda key, task_id, priority: enqueued.append(task_id)
+    requests = RequestStore(relay.storage)
+    request = Request.new(AdminAction.CANCEL, KEY.series_uid, None, 201.0)
+    requests.ask(request)
+
+    relay.tick(now=201.0)
+
+    answer = requests.answer_to(request.id)
+    assert answer.accepted and answer.message == f"cancelling task(s) {task.task_id}"
+    assert enqueued == [task.task_id] and task.task_id in relay._cancelled
+    assert [r.id for r in requests.pending()] == [request.id], "kept: a restart now would cancel it again"
+    relay.tick(now=202.0)
+    assert [r.id for r in requests.pending()] == [request.id] and enqueued == [task.task_id]
+
+    relay.registry.task_changed(KEY, replace(task, phase=TaskPhase.FAILED))  # what the worker records
+    relay.tick(now=203.0)
+
+    assert requests.pending() == [] and requests.answer_to(request.id) is None
