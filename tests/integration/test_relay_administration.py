@@ -15,6 +15,7 @@ from tests.support.dicom_peers import storescu
 from tests.support.emulator import EmulatorProcess
 from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until
+from tests.support.s3 import relay_s3_env
 
 
 def isdr(relay, *args, timeout=60):
@@ -200,3 +201,16 @@ def test_without_unmatched_retention_an_unmatched_series_is_gone_and_cannot_be_r
     refused = isdr(relay, "series", "rematch", series_uid(series))
 
     assert refused.returncode == 1 and "knows no series" in refused.stdout and not relay.stored_instances()
+
+
+def test_with_s3_storage_the_commands_reach_the_relay_through_its_bucket(tmp_path, bucket, s3_server, emulator,
+                                                                         pacs, relays):
+    relay = relays(env=relay_s3_env(s3_server))
+    _series, uid = run_to_the_end(tmp_path, relay, emulator.base_url, "fail", pacs, 2, "Failed")
+    assert listed(relay)[0]["instances"] == 2 and relay.stored_instances() == []  # in the bucket
+
+    relay.add_manifest(manifest("ct", emulator.base_url, "toy", pacs))
+    retried = isdr(relay, "series", "retry", uid)
+
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert len(pacs.wait_for_files(1)) == 1
