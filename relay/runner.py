@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from relay import metrics
+from relay.admin_requests import Request, RequestStore
 from relay.config import Settings, lifecycle_rules
 from relay.dicom.identity import identify_part10
 from relay.dicom.receiver import Receiver
 from relay.fingerprints.loader import load_fingerprint_dir
 from relay.fingerprints.matching import matching_fingerprints
 from relay.fingerprints.model import Fingerprint
-from relay.admin_requests import Request, RequestStore
 from relay.lifecycle import (
     CANCEL_PRIORITY,
     AdminAction,
@@ -140,8 +140,8 @@ class Relay:
         self._running_lock = threading.Lock()
         self._waiting: list[tuple[tuple[int, int], SeriesKey, str]] = []  # a heap, by lifecycle.start_order
         self._queued = 0
-        self._cancelled: set[str] = set()
-        self._cancelling: dict[str, tuple[SeriesKey, tuple[str, ...]]] = {}  # cancel request id -> its tasks  # task ids an administrator cancelled, until they are recorded so
+        self._cancelled: set[str] = set()  # task ids an administrator cancelled, until their workers end
+        self._cancelling: dict[str, tuple[SeriesKey, tuple[str, ...]]] = {}  # cancel request id -> its tasks
         self.requests = RequestStore(self.storage)
         self._unsaved: set[SeriesKey] = set()  # decided in memory, not yet persisted (scheduler only)
         self._stop = threading.Event()
@@ -445,8 +445,7 @@ class Relay:
                 self._running.discard(task_id)
                 self._cancelled.discard(task_id)
 
-
-    # --- an administrator's requests (`isdr series retry|cancel`; relay.admin_requests) ---
+    # --- an administrator's requests (`isdr series retry|rematch|cancel`; relay.admin_requests) ---
 
     def handle_requests(self, fingerprints, now: float) -> None:
         for request in self.requests.pending():

@@ -356,7 +356,7 @@ class SeriesDriver:
                 self.api.event(body, EventReason.TASK_FAILED, f"Job {task_id} failed", warning=True)
             return
 
-    # --- an administrator's requests: the isdr.io/retry and isdr.io/cancel annotations ---
+    # --- an administrator's requests: the isdr.io/retry, isdr.io/rematch and isdr.io/cancel annotations ---
 
     def _request(self, body, state: SeriesState, action: AdminAction, value: str, now: float) -> float:
         """Answer one new request annotation: carried out as the rules decide, or refused; either
@@ -380,9 +380,7 @@ class SeriesDriver:
         else:
             decision = cancel_decision(state, None)
             if isinstance(decision, CancelTasks):
-                messages = {task_id: apply_cancel(task, now, cancel_task(
-                    self.api, self.settings, self.storage, task, self.fingerprints.body(task.fingerprint))).message
-                    for task_id in decision.task_ids if (task := state.task(task_id))}
+                messages = self._cancel_tasks(state, decision, now)
                 note = "; ".join(f"{task_id}: {message}" for task_id, message in messages.items())
                 self._write(body, {**failed_tasks_status(body, messages, now),
                                    **request_status(action, value, True, note, now)})
@@ -393,6 +391,15 @@ class SeriesDriver:
         self._write(body, request_status(action, value, False, decision.reason, now))
         self._say_answer(body, state, action, False, decision.reason)
         return 0.05
+
+    def _cancel_tasks(self, state: SeriesState, decision: CancelTasks, now: float) -> dict[str, str]:
+        """End each task's Job and remote task; task id -> the message of its Failed entry."""
+        messages = {}
+        for task_id in decision.task_ids:
+            task = state.task(task_id)
+            remote = cancel_task(self.api, self.settings, self.storage, task, self.fingerprints.body(task.fingerprint))
+            messages[task_id] = apply_cancel(task, now, remote).message
+        return messages
 
     def _say_answer(self, body, state: SeriesState, action: AdminAction, accepted: bool, message: str) -> None:
         self.api.event(body, REQUEST_EVENTS[action, accepted], message, warning=not accepted or
