@@ -54,13 +54,14 @@ def _files(paths: list[Path]) -> Iterator[Path]:
 
 def read_series(paths: list[Path]) -> tuple[list[SeriesFound], list[str]]:
     """The series the files hold, and a line for each file that is not a DICOM file."""
-    from relay.dicom.identity import identify_part10
+    from relay.dicom.identity import identify_part10_stream
 
     found: dict[SeriesKey, SeriesFound] = {}
     skipped = []
     for file in _files(paths):
         try:
-            identity = identify_part10(file.read_bytes())
+            with file.open("rb") as handle:  # read in chunks: a multi-gigabyte file costs no memory
+                identity = identify_part10_stream(handle)
         except Exception as exc:  # anything unreadable is skipped, and said
             skipped.append(f"{file}: not a DICOM file the relay would store ({type(exc).__name__}: {exc})"[:300])
             continue

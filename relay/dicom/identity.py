@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from pydicom.charset import convert_encodings, decode_bytes
 
@@ -73,14 +74,22 @@ def identify(values: dict[int, bytes]) -> InstanceIdentity:
 
 def identify_part10(data: bytes) -> InstanceIdentity:
     """Identity of a stored instance (a DICOM file's bytes), e.g. when resuming from storage."""
+    return identify_part10_stream(io.BytesIO(data))
+
+
+STREAM_CHUNK = 1 << 20
+
+
+def identify_part10_stream(handle: BinaryIO) -> InstanceIdentity:
+    """The same, read from an open file in chunks: memory stays bounded however large it is."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     from relay.dicom.conformance import encoding_of
     from relay.dicom.dataset_stream import DatasetWalker
 
-    handle = io.BytesIO(data)
     read_preamble(handle, False)
     meta = _read_file_meta_info(handle)
     walker = DatasetWalker(encoding_of(str(meta.TransferSyntaxUID)), IDENTITY_TAGS)
-    walker.feed(memoryview(data)[handle.tell():])
+    while chunk := handle.read(STREAM_CHUNK):
+        walker.feed(memoryview(chunk))
     return identify(walker.finish())
