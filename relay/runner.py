@@ -55,11 +55,11 @@ from relay.lifecycle import (
     forget_note,
     new_series,
     next_step,
-    study_shares_note,
     rematch_decision,
     request_note,
     retry_decision,
     start_order,
+    study_shares_note,
     unmatched_note,
     with_stored,
 )
