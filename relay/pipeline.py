@@ -177,7 +177,7 @@ class _RecordedSubmits:
         known = self.state.unknown_submits
         self.state = self.runner._record(self.state, phase=TaskPhase.SUBMITTING, unknown_submits=known + 1)
         try:
-            return self.client.submit(archive, model)
+            uid = self.client.submit(archive, model)
         except ServerUnavailable as exc:
             if not exc.maybe_accepted:
                 self.state = self.runner._record(self.state, unknown_submits=known)
@@ -185,6 +185,10 @@ class _RecordedSubmits:
         except SubmitRejected:
             self.state = self.runner._record(self.state, unknown_submits=known)
             raise
+        # Answered: this submit's outcome is known. The caller records that together with the uid
+        # (a kill before that record leaves the submit counted as unknown, as it must).
+        self.state = replace(self.state, unknown_submits=known)
+        return uid
 
 
 class TaskRunner:

@@ -8,6 +8,7 @@ proxy in front of the emulator plays the answers that never come back (a hung or
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -140,6 +141,24 @@ def test_a_kill_while_the_submit_is_in_flight_repeats_it_at_most_once(tmp_path, 
     assert "WARNING relay.task: task ct-" in log and "possible duplicate" in log
     assert re.search(r"task failed: the outcome of 2 submits is unknown", log)
     assert len(relay.stored_instances()) == 2  # a failed series keeps its instances
+
+
+def test_a_submit_answered_is_of_known_outcome_and_a_kill_after_it_flags_nothing(tmp_path, slow_emulator, pacs,
+                                                                                  relays):
+    relay = relays(env={"METRICS_PORT": str(free_port())})
+    relay.add_manifest(manifest("ct", slow_emulator.base_url, "toy", pacs))
+    relay.start()
+    send(relay, write_ct_series(tmp_path / "ct", count=2, rows=16, cols=16))
+    relay.wait_for_log(r"submitted 2 instances")
+
+    relay.kill()  # while the model runs: the task is polled after the restart, never submitted again
+    relay.start()
+    pacs.wait_for_files(1, timeout=60)
+
+    assert slow_emulator.stats()["submits"] == 1 and possible_duplicates(relay) == 0
+    assert "possible duplicate" not in relay.log()
+    (record,) = [json.loads(path.read_text())["task"] for path in (relay.data_dir / "state" / "tasks").glob("*.json")]
+    assert record["inference_uid"] and record["unknown_submits"] == 0
 
 
 def test_a_submit_whose_answer_never_comes_is_repeated_once_then_the_task_fails(tmp_path, slow_emulator,
