@@ -17,12 +17,20 @@ finished DicomSeries (Succeeded, instances deleted, remembered for SERIES_RETENT
               bench runs no node), median and p95 of last acknowledged instance -> Job created
               minus POST_AFTER, and the Job creates (201) and the ones refused as existing (409)
 
+With --run-pods the tests' node agent (tests/support/node_agent.py) runs the Jobs' pods as local
+processes (`isdr job`) against the InferenceServer emulator (devtools; every task takes
+--pod-seconds) delivering to dcmtk's storescp, so that the second burst arrives while the first
+burst's 50 pods really run on the same machine. For each burst it then also prints the operator's
+CPU-seconds, the load average, the pods running, and, from the operator's own log, how late the
+dispatch decision came ("quiet for" minus POST_AFTER) against how late the bench saw the Job.
+
 Instances go through the real `isdr scp` (pynetdicom C-STORE, one association per series). A
 Job's creation time is when the bench's watch on Jobs saw it (creationTimestamp has whole
 seconds). The machine is shared: compare figures of the same run (--code runs the operator from
 another checkout, e.g. main, for a before/after on the same machine).
 
     .venv/bin/python scripts/bench_operator.py --series 10000 [--code /work/main]
+    .venv/bin/python scripts/bench_operator.py --series 1000 --run-pods
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -45,7 +55,9 @@ sys.path.insert(0, str(ROOT))
 from relay.kube.resources import GROUP, LABEL_SERIES, VERSION, resource_name  # noqa: E402
 from relay.uids import SeriesKey  # noqa: E402
 from tests.support.controlplane import ControlPlane  # noqa: E402
+from tests.support.chaos import CLAIM  # noqa: E402
 from tests.support.dicomseries import create_series, finished_series  # noqa: E402
+from tests.support.fingerprints import manifest  # noqa: E402
 from tests.support.kube import KubeCluster, assets_dir  # noqa: E402
 from tests.support.processes import ManagedProcess, free_port, wait_for_port, wait_until  # noqa: E402
 
@@ -68,6 +80,13 @@ def proc_status(pid: int, field: str) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU-seconds of the whole machine so far, every core (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), sum(fields) / os.sysconf("SC_CLK_TCK")
 
 
 def settled_rss(pid: int, seconds: float = 5.0) -> float:
@@ -201,6 +220,19 @@ def burst(port: int, series: list, senders: int) -> dict[str, float]:
     return acknowledged
 
 
+# "2026-12-02 09:40:01,123 INFO    isdr_operator.series: series 1.2.3: dispatch #1 matched bench: Jobs
+# ... (20 instances, quiet for 2.3s)"
+DISPATCH_LINE = re.compile(r"^\S+ \S+ .*isdr_operator\.series: series (\S+): dispatch #\d+ .*quiet for ([0-9.]+)s\)",
+                           re.MULTILINE)
+
+
+def decision_delays(log: Path, series_uids: set[str], post_after: float) -> list[float]:
+    """From the operator's log: how long after POST_AFTER each of these series was dispatched
+    (its own "quiet for" figure, measured from the receiver's last arrival it knew of)."""
+    text = log.read_text(errors="replace")
+    return sorted(float(quiet) - post_after for uid, quiet in DISPATCH_LINE.findall(text) if uid in series_uids)
+
+
 def quantiles(values: list[float]) -> str:
     p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
     return f"median {statistics.median(values):.2f} s, p95 {p95:.2f} s, max {values[-1]:.2f} s"
@@ -215,10 +247,13 @@ class Bench:
         self.cluster = KubeCluster(plane.kubeconfig, existing=False, work_dir=work)
         self.cluster.install_crds()
         self.namespace = self.cluster.create_namespace("bench")
-        self.env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "INCOMING_DIR": str(work / "data"),
+        self.pods = Pods(plane, work, args.pod_seconds) if args.run_pods else None
+        storage = self.pods.storage(self.namespace) if self.pods else work / "data"
+        self.env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "INCOMING_DIR": str(storage),
                     "POD_NAMESPACE": self.namespace, "SERIES_RETENTION": "86400", "LOG_LEVEL": "INFO",
                     "POST_AFTER": str(args.post_after), "SCP_AE_TITLE": "ISDR", "JOB_IMAGE": "isdr:bench",
-                    "METRICS_PORT": "0", "HEALTH_PORT": "0"}  # no fixed ports: others run tests meanwhile
+                    "METRICS_PORT": "0", "HEALTH_PORT": "0",  # no fixed ports: others run tests meanwhile
+                    **({"STORAGE_PVC_CLAIM": CLAIM} if self.pods else {})}
         self.operator: ManagedProcess | None = None
         self.starts = 0
         self.scp: ManagedProcess | None = None
@@ -253,6 +288,10 @@ class Bench:
         return self.start_operator()
 
     def create_fingerprint(self) -> None:
+        if self.pods:
+            body = manifest("bench", self.pods.emulator.base_url, "toy", self.pods.pacs, modality="^CT$")
+            self.cluster.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "fingerprints", body)
+            return
         self.cluster.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "fingerprints", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "Fingerprint", "metadata": {"name": "bench"},
             "spec": {"match": {"modality": "^CT$"},
@@ -267,10 +306,45 @@ class Bench:
                           range(count)))
         return time.time() - started
 
+    def running_pods(self) -> int:
+        pods = self.cluster.core.list_namespaced_pod(self.namespace).items
+        return sum(1 for pod in pods if pod.status.phase == "Running")
+
     def stop(self) -> None:
         for process in (self.operator, self.scp):
             if process is not None:
                 process.stop(timeout=30)
+        if self.pods:
+            self.pods.stop()
+
+
+class Pods:
+    """What runs the Jobs' pods for --run-pods: the node agent (each pod a local process, the
+    PVC a shared folder), the InferenceServer emulator the pods submit to, and the PACS
+    (dcmtk's storescp) they deliver the predictions to."""
+
+    def __init__(self, plane: ControlPlane, work: Path, pod_seconds: float):
+        from tests.support.controlplane import kubelet_args
+        from tests.support.dicom_peers import StoreSCP
+        from tests.support.emulator import EmulatorProcess
+        from tests.support.node_agent import NodeAgentProcess
+        from tests.support.processes import require_dcmtk
+
+        require_dcmtk("storescp")
+        self.agent = NodeAgentProcess(plane.kubeconfig, work / "node-agent", log_path=work / "node-agent.log",
+                                      extra_args=kubelet_args(plane.kubelet_tls))
+        self.agent.start()
+        self.emulator = EmulatorProcess(work, delay=pod_seconds, name="emulator")
+        self.pacs = StoreSCP(work / "pacs").start()
+
+    def storage(self, namespace: str) -> Path:
+        folder = self.agent.pvc_path(CLAIM, namespace)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def stop(self) -> None:
+        for part in (self.pacs, self.emulator, self.agent):
+            part.stop()
 
 
 def main() -> int:
@@ -282,8 +356,14 @@ def main() -> int:
     parser.add_argument("--fresh", type=int, default=5, help="series sent during a restart, 3 s apart (default 5)")
     parser.add_argument("--post-after", type=float, default=2.0, help="POST_AFTER of the relay (default 2)")
     parser.add_argument("--code", help="run the operator from this checkout (e.g. /work/main) instead of this one")
+    parser.add_argument("--run-pods", action="store_true",
+                        help="run the Jobs' pods (the tests' node agent, the InferenceServer emulator, storescp)")
+    parser.add_argument("--pod-seconds", type=float, default=25.0,
+                        help="with --run-pods: how long the emulator takes for each task (default 25)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, storage) at the end")
     args = parser.parse_args()
+    # SIGTERM (also what a background run gets instead of SIGINT) stops every process started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="isdr-bench-operator-"))
     plane = ControlPlane(assets_dir(), work)
     plane.start()
@@ -332,15 +412,28 @@ def main() -> int:
         print(f"restart with {args.series} while {len(during)} series arrive: {quantiles(waited)} "
               f"(each: {', '.join(f'{w:.2f}' for w in sorted(waited))}); peak RSS {peak:.0f} MiB")
 
-        for label, series in (("burst", first), ("burst while the first burst's Jobs are active", second)):
+        active = "running" if args.run_pods else "active"
+        for label, series in (("burst", first), (f"burst while the first burst's Jobs are {active}", second)):
             before = request_counts(bench.cluster)
+            cpu_before, load_before = cpu_seconds(bench.operator.pid), os.getloadavg()[0]
+            machine_before = machine_cpu()
+            pods_before = bench.running_pods() if args.run_pods else 0
             acknowledged = burst(scp_port, series, args.senders)
             waited = latencies(watch, acknowledged, args.post_after)
+            cpu, load = cpu_seconds(bench.operator.pid) - cpu_before, os.getloadavg()[0]
+            busy, total = (after - before for after, before in zip(machine_cpu(), machine_before))
+            pods_after = bench.running_pods() if args.run_pods else 0
             time.sleep(args.post_after + 3)  # what the operator does after the dispatches
             delta = request_counts(bench.cluster) - before
             creates = {code: n for (verb, resource, code), n in delta.items() if (verb, resource) == ("POST", "jobs")}
             print(f"{label} ({len(series)} series x {args.instances} instances, {args.senders} senders): "
                   f"{quantiles(waited)}; Job creates {creates}")
+            decided = decision_delays(bench.operator.log_path, {key.series_uid for key, _ in series}, args.post_after)
+            if decided:
+                print(f"  dispatch decided (operator's log, quiet for - POST_AFTER): {quantiles(decided)}")
+            print(f"  until the last Job: operator {cpu:.1f} CPU-seconds, machine {busy / total:.0%} busy "
+                  f"({os.cpu_count()} cores); load average {load_before:.1f} -> {load:.1f}"
+                  + (f"; pods running {pods_before} -> {pods_after}" if args.run_pods else ""))
             print(f"  API requests: {describe_requests(delta)}")
         watch.stop()
         alive = bench.operator.poll() is None
