@@ -20,6 +20,8 @@ from isdr_operator.watching import Watch
 
 log = logging.getLogger("isdr_operator")
 
+FINGERPRINTS_PENDING_RETRY = 0.2  # seconds: a series due before the Fingerprints are read
+
 
 class Runtime:
     def __init__(self, api: KubeApi, settings: OperatorSettings, clock=None, gate: Gate | None = None):
@@ -33,7 +35,7 @@ class Runtime:
         self.driver = SeriesDriver(api, settings, self.storage, self.fingerprints, clock=self.clock)
         self.gate = gate or Gate.standalone()
         self.gate.on_change(self._gate_changed)
-        self.scheduler = Scheduler(self.driver.step, gate=self.gate)
+        self.scheduler = Scheduler(self._step, gate=self.gate)
         self.series_watch = Watch("DicomSeries", api.series_listing, api.watch_series, self.series_event)
         self.job_watch = Watch("Jobs", api.jobs_listing, api.watch_jobs, self.job_event)
         self._activations = 0
@@ -75,6 +77,18 @@ class Runtime:
     def _gate_changed(self, active: bool) -> None:
         if active:
             self.resync()
+        else:
+            # Fingerprints applied or deleted while paused are read again by the next resync.
+            self.fingerprints.loaded.clear()
+
+    def _step(self, name: str) -> float | None:
+        """The driver's step, once this activation's Fingerprints are read. The gate opens before
+        the resync reads them, and the watches bring series from the start: a complete series
+        looked at before its Fingerprint is known would be taken for unmatched, and its
+        instances deleted."""
+        if not self.fingerprints.loaded.is_set():
+            return FINGERPRINTS_PENDING_RETRY
+        return self.driver.step(name)
 
     def resync(self) -> None:
         """Catch up with everything that happened while this operator was not active (or not

@@ -170,3 +170,40 @@ def test_a_watch_whose_version_expired_lists_again(kube_cluster, kube_namespace,
             watch.stop()
     assert events == [(None, body["metadata"]["name"])]
     assert "the watch's version expired; listing them again" in caplog.text
+
+
+def test_no_series_is_looked_at_before_the_operator_has_read_the_fingerprints(kube_cluster, kube_namespace, tmp_path):
+    # The peering gate opens before the resync reads the Fingerprints, and the series watch brings
+    # a complete series from the start: looked at then, it would be taken for unmatched and deleted.
+    custom = kube_cluster.custom
+    custom.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, "fingerprints", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Fingerprint", "metadata": {"name": "ct"},
+        "spec": {"match": {"modality": "^CT$"}, "inferenceServer": {"url": "http://127.0.0.1:9", "model": "m"},
+                 "destinations": [{"host": "127.0.0.1", "port": 104, "aeTitle": "PACS"}]}})
+    now = time.time()
+    body, _, _ = dispatched_series(now)
+    quiet = {"instances": 3, "firstReceived": to_rfc3339(now - 30), "lastReceived": to_rfc3339(now - 20),
+             "phase": "Receiving"}
+    name = create_series(custom, kube_namespace, body, quiet)["metadata"]["name"]
+    settings = load_operator_settings(kube_namespace, {"INCOMING_DIR": str(tmp_path / "data"),
+                                                       "SERIES_RETENTION": "86400", "POST_AFTER": "1"})
+    api = CountingApi(kube_cluster.api_client, kube_namespace)
+    runtime = Runtime(api, settings)
+    key = SeriesKey(body["spec"]["seriesInstanceUID"], CT_IMAGE)
+    for number in range(1, 4):  # what the receiver stored
+        runtime.storage.put(key.instance_key(f"1.2.826.0.1.3680043.10.2.1.{number}"), [b"DICM"])
+    try:
+        assert runtime.driver.triage(custom.get_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, "dicomseries", name)) == 0.0  # due now, as far as the watch knows
+
+        assert runtime._step(name) > 0  # not yet: look again soon
+        assert api.calls == []
+
+        runtime.resync()
+        api.calls.clear()
+        # Matched and dispatched (once quiet for POST_AFTER since the instances were stored), not dropped.
+        wait_until(lambda: runtime._step(name) is None or ("create_namespaced_job", None) in api.writes(), 15,
+                   "the series dispatched")
+        assert ("create_namespaced_job", None) in api.writes()
+    finally:
+        runtime.stop()
