@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from relay import metrics
 from relay.fingerprints.matching import matching_fingerprints
-from relay.kube.api import CONFLICT_ATTEMPTS, Conflict, KubeApi, NotFound
+from relay.kube.api import CONFLICT_ATTEMPTS, Conflict, KubeApi
 from relay.kube.resources import (
     FAILED_TASKS,
     LABEL_SERIES,
@@ -32,7 +32,6 @@ from relay.kube.resources import (
     SUCCEEDED_TASKS,
     EventReason,
     TaskReport,
-    counter_status,
     decision_status,
     dispatch_status,
     failed_task_status,
@@ -95,6 +94,8 @@ from relay.storage.instances import stored_instances
 from isdr_operator.cancel import cancel_task
 from isdr_operator.fingerprints import FingerprintSet
 from isdr_operator.jobs import build_job
+from isdr_operator.latest import LatestSeries
+from isdr_operator.notices import Notices
 from isdr_operator.settings import OperatorSettings
 from isdr_operator.studies import SOON, StudyDriver
 
@@ -106,7 +107,7 @@ RETRY_AFTER_ERROR = 5.0
 
 class SeriesDriver:
     def __init__(self, api: KubeApi, settings: OperatorSettings, storage: Storage,
-                 fingerprints: FingerprintSet, clock=time.time):
+                 fingerprints: FingerprintSet, clock=time.time, notices: Notices | None = None):
         from relay.config import lifecycle_rules
 
         self.api = api
@@ -116,7 +117,11 @@ class SeriesDriver:
         self.fingerprints = fingerprints
         self.rules = lifecycle_rules(settings.relay)
         self.clock = clock
-        self.studies = StudyDriver(api, storage, fingerprints, clock)
+        # Events and the Fingerprints' counters, written on the side (a step does not wait for them).
+        self.notices = notices or Notices(api, clock)
+        self.studies = StudyDriver(api, storage, fingerprints, clock, self.notices)
+        # The newest version of each series that waits for a step, as the watch brought it.
+        self.latest = LatestSeries()
         # Jobs known to exist (created here, or seen by the Job watch or a listing): never
         # created again. Names only: the watch, not this set, holds what they say.
         self.jobs_seen: set[str] = set()
@@ -154,8 +159,11 @@ class SeriesDriver:
     def step(self, name: str) -> float | None:
         """Take the next step for DicomSeries `name`; returns seconds until it needs another look
         (None: nothing more to do until something changes, e.g. the object is gone)."""
-        for _ in range(CONFLICT_ATTEMPTS):
-            body = self.api.get_series(name)
+        for attempt in range(CONFLICT_ATTEMPTS):
+            # First from the version the watch brought; after a Conflict, from a fresh read.
+            body = self.latest.get(name) if attempt == 0 else None
+            if body is None:
+                body = self._read(name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             try:
@@ -163,6 +171,14 @@ class SeriesDriver:
             except Conflict:
                 continue  # the receiver (or a Job event) changed it meanwhile: decide again
         return RETRY_AFTER_ERROR
+
+    def _read(self, name: str) -> dict | None:
+        body = self.api.get_series(name)
+        if body is None:
+            self.latest.drop(name)
+        else:
+            self.latest.refresh(body)
+        return body
 
     def _step(self, body: dict) -> float | None:
         now = self.clock()
@@ -224,7 +240,7 @@ class SeriesDriver:
         message = (f"dispatch #{step.generation} matched {', '.join(step.fingerprints)}: Jobs "
                    f"{', '.join(jobs) or 'none yet'} ({len(step.instances)} instances, quiet for "
                    f"{waited:.1f}s){study_shares_note(step)}")
-        self.api.event(body, EventReason.DISPATCHED, message)
+        self.notices.event(body, EventReason.DISPATCHED, message)
         log.info("series %s: %s", state.key.series_uid, message)
         for task in new_tasks:
             self._count_on_fingerprint(task.fingerprint, MATCHED_SERIES, state, task.task_id)
@@ -235,7 +251,7 @@ class SeriesDriver:
         self._write(body, decision_status(after))
         note = arrivals_note(state, step, self.rules)
         late = isinstance(step, Reopen) or step.late_instances > state.late_instances
-        self.api.event(body, EventReason.LATE_INSTANCES if late else EventReason.DUPLICATE_INSTANCES, note,
+        self.notices.event(body, EventReason.LATE_INSTANCES if late else EventReason.DUPLICATE_INSTANCES, note,
                        warning=late)
         (log.warning if late else log.info)("series %s: %s", state.key.series_uid, note)
         return 0.05
@@ -273,12 +289,12 @@ class SeriesDriver:
 
     def _fail_task(self, body: dict, task_id: str, message: str) -> None:
         self._write(body, failed_task_status(body, task_id, message, self.clock()))
-        self.api.event(body, EventReason.TASK_FAILED, f"{task_id}: {message}", warning=True)
+        self.notices.event(body, EventReason.TASK_FAILED, f"{task_id}: {message}", warning=True)
 
     def _drop_unmatched(self, body, state: SeriesState, step: DropUnmatched) -> None:
         message = (f"no Ready Fingerprint matches (modality {state.attributes.modality or '-'}, "
                    f"SOP class {state.key.sop_class_uid}): instances deleted")
-        self.api.event(body, EventReason.UNMATCHED, message)
+        self.notices.event(body, EventReason.UNMATCHED, message)
         # The object first, guarded by its resourceVersion: an instance published meanwhile makes
         # this a Conflict and the series is looked at again instead of being dropped.
         self._delete(body)
@@ -290,7 +306,7 @@ class SeriesDriver:
         self._write(body, decision_status(apply_keep_unmatched(state, step, now)))
         message = (f"modality {state.attributes.modality or '-'}, SOP class {state.key.sop_class_uid}: "
                    f"{unmatched_note(step, now)}")
-        self.api.event(body, EventReason.UNMATCHED, message)
+        self.notices.event(body, EventReason.UNMATCHED, message)
         log.info("series %s: %s", state.key.series_uid, message)
         return max(0.05, step.until - now)
 
@@ -298,7 +314,7 @@ class SeriesDriver:
         ok = step.phase == SeriesPhase.SUCCEEDED
         status, message = finish_status(body, apply_finish(state, step, now), ok, now)
         self._write(body, status)
-        self.api.event(body, EventReason.SUCCEEDED if ok else EventReason.FAILED, message, warning=not ok)
+        self.notices.event(body, EventReason.SUCCEEDED if ok else EventReason.FAILED, message, warning=not ok)
         log.info("series %s %s: %s", state.key.series_uid, step.phase.lower(), message)
         return 0.05
 
@@ -316,7 +332,7 @@ class SeriesDriver:
         if step.delete:
             self.storage.delete([state.key.instance_key(uid) for uid in step.delete])
             note = forget_note(step)
-            self.api.event(body, EventReason.LATE_INSTANCES_DELETED, note, warning=True)
+            self.notices.event(body, EventReason.LATE_INSTANCES_DELETED, note, warning=True)
             log.warning("series %s: %s", state.key.series_uid, note)
         for task in state.tasks:
             TaskStore(self.storage, task.task_id).delete()
@@ -337,24 +353,16 @@ class SeriesDriver:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _count_on_fingerprint(self, fingerprint: str, counter: str, state: SeriesState, task_id: str) -> None:
-        """Add one to a Fingerprint's status counter (a deleted Fingerprint is no error)."""
-        for _ in range(CONFLICT_ATTEMPTS):
-            body = self.api.get_fingerprint(fingerprint)
-            if body is None:
-                return
-            try:
-                self.api.patch_fingerprint_status(fingerprint, counter_status(body, counter, self.clock()),
-                                                  body["metadata"]["resourceVersion"])
-            except Conflict:
-                continue
-            except NotFound:
-                return
-            if counter == MATCHED_SERIES:
-                self.api.event(body, EventReason.MATCHED, f"series {state.key.series_uid} "
-                               f"({state.attributes.modality or '-'}) -> Job {task_id}")
-            elif counter == FAILED_TASKS:
-                self.api.event(body, EventReason.TASK_FAILED, f"Job {task_id} failed", warning=True)
+        """One more on a Fingerprint's status counter, and the Event that says why (on the side)."""
+        if counter == MATCHED_SERIES:
+            event = (EventReason.MATCHED, f"series {state.key.series_uid} ({state.attributes.modality or '-'}) "
+                     f"-> Job {task_id}", False)
+        elif counter == FAILED_TASKS:
+            event = (EventReason.TASK_FAILED, f"Job {task_id} failed", True)
+        else:
+            self.notices.count(fingerprint, counter)
             return
+        self.notices.count(fingerprint, counter, event)
 
     # --- an administrator's requests: the isdr.io/retry, isdr.io/rematch and isdr.io/cancel annotations ---
 
@@ -402,7 +410,7 @@ class SeriesDriver:
         return messages
 
     def _say_answer(self, body, state: SeriesState, action: AdminAction, accepted: bool, message: str) -> None:
-        self.api.event(body, REQUEST_EVENTS[action, accepted], message, warning=not accepted or
+        self.notices.event(body, REQUEST_EVENTS[action, accepted], message, warning=not accepted or
                        action == AdminAction.CANCEL)
         (log.warning if accepted else log.info)("series %s: %s %s: %s", state.key.series_uid, action,
                                                "carried out" if accepted else "refused", message)
@@ -415,10 +423,13 @@ class SeriesDriver:
         if status_unchanged(body, status):
             return body
         meta = body["metadata"]
-        return self.api.patch_series_status(meta["name"], status, meta["resourceVersion"])
+        written = self.api.patch_series_status(meta["name"], status, meta["resourceVersion"])
+        self.latest.refresh(written)
+        return written
 
     def _delete(self, body: dict) -> None:
         self.api.delete_series(body["metadata"]["name"], body["metadata"]["resourceVersion"])
+        self.latest.drop(body["metadata"]["name"])
 
     # --- Jobs ---
 
@@ -497,10 +508,12 @@ class SeriesDriver:
     def _copy_job(self, series_name: str, task_id: str, report: TaskReport, record: TaskState | None,
                   seen: dict | None) -> tuple[str | None, bool]:
         """(the series to look at again, whether its status now says what the Job says)"""
-        if seen is not None and task_change(seen, task_id, report, self.clock()) is None:
+        known = seen if seen is not None else self.latest.get(series_name)
+        if known is not None and task_change(known, task_id, report, self.clock()) is None:
             return None, True
-        for _ in range(CONFLICT_ATTEMPTS):
-            body = self.api.get_series(series_name)
+        for attempt in range(CONFLICT_ATTEMPTS):
+            # First from the version the watch brought (a stale one is refused: Conflict).
+            body = known if attempt == 0 and known is not None else self._read(series_name)
             if body is None:
                 return None, True
             change = task_change(body, task_id, report, self.clock())
@@ -515,7 +528,7 @@ class SeriesDriver:
             if change.first_uid and record.unknown_submits:
                 # The Job's pod counted its repeat too, but nobody scrapes it: the operator does.
                 metrics.possible_duplicate_submit()
-                self.api.event(body, EventReason.POSSIBLE_DUPLICATE_SUBMIT,
+                self.notices.event(body, EventReason.POSSIBLE_DUPLICATE_SUBMIT,
                                f"Job {entry['job']}: {possible_duplicate_note(record)}", warning=True)
             if change.finished:
                 self._task_finished(body, entry, series_state(body))
@@ -528,9 +541,9 @@ class SeriesDriver:
                               from_rfc3339(entry.get("startTime")), from_rfc3339(entry.get("completionTime")))
         where = f"Job {entry['job']} ({entry['fingerprint']})"
         if ok:
-            self.api.event(body, EventReason.TASK_SUCCEEDED, f"{where}: predictions delivered")
+            self.notices.event(body, EventReason.TASK_SUCCEEDED, f"{where}: predictions delivered")
         else:
-            self.api.event(body, EventReason.TASK_FAILED, f"{where}: {entry.get('message') or 'failed'}",
+            self.notices.event(body, EventReason.TASK_FAILED, f"{where}: {entry.get('message') or 'failed'}",
                            warning=True)
         self._count_on_fingerprint(entry["fingerprint"], SUCCEEDED_TASKS if ok else FAILED_TASKS, state,
                                    entry["job"])

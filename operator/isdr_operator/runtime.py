@@ -14,7 +14,8 @@ from relay.storage import open_storage
 from isdr_operator.driver import SeriesDriver
 from isdr_operator.fingerprints import FingerprintSet, evaluate, ready_condition
 from isdr_operator.peering import Gate
-from isdr_operator.scheduler import Scheduler, SchedulerStuck
+from isdr_operator.notices import Notices
+from isdr_operator.scheduler import Scheduler, SchedulerStuck, Work
 from isdr_operator.settings import OperatorSettings
 from isdr_operator.watching import Watch
 
@@ -32,7 +33,9 @@ class Runtime:
         self.clock = clock or time.time
         self.storage = open_storage(settings.relay)
         self.fingerprints = FingerprintSet()
-        self.driver = SeriesDriver(api, settings, self.storage, self.fingerprints, clock=self.clock)
+        self.notices = Notices(api, self.clock)
+        self.driver = SeriesDriver(api, settings, self.storage, self.fingerprints, clock=self.clock,
+                                   notices=self.notices)
         self.gate = gate or Gate.standalone()
         self.gate.on_change(self._gate_changed)
         self.scheduler = Scheduler(self._step, gate=self.gate)
@@ -52,6 +55,7 @@ class Runtime:
     def start(self) -> None:
         """Start the scheduler, the watches and the peering gate; nothing is written before the
         gate opens (at once when standalone: the watches then go on from the resync's listings)."""
+        self.notices.start()
         self.scheduler.start()
         if self.gate.is_open:
             self._gate_changed(True)
@@ -65,6 +69,7 @@ class Runtime:
         for watch in (self.series_watch, self.job_watch):
             watch.stop()
         self.scheduler.stop()
+        self.notices.stop()
 
     def health(self, stuck_after: float) -> dict:
         """For the liveness probe: the scheduler's, and whether the watches still run."""
@@ -121,7 +126,7 @@ class Runtime:
                 self._observe(None, body)
                 delay = self.driver.triage(body)
                 if delay is not None and is_receiving(body):
-                    self.scheduler.poke(body["metadata"]["name"], delay)
+                    self.scheduler.poke(body["metadata"]["name"], delay, Work.RECEIVING)
                 listing.note(body, delay)
         finally:
             self._watched_while_listing = None
@@ -129,9 +134,9 @@ class Runtime:
         for job in jobs_listing:
             series = self.driver.job_listed(job, listing.finished_tasks, listing.running.get(job_series(job)))
             if series:
-                self.scheduler.poke(series, background=True)
+                self.scheduler.poke(series, work=Work.BACKGROUND)
         for name, delay in listing.background:
-            self.scheduler.poke(name, delay, background=True)
+            self.scheduler.poke(name, delay, Work.BACKGROUND)
         self._listed = {"series": listing.resource_version, "jobs": jobs_listing.resource_version}
         due = sum(1 for delay in listing.delays if delay <= 0.05)
         log.info("operator %s in namespace %s: %d fingerprints (%d Ready), %d series (%d to look at now, %d later), "
@@ -140,9 +145,10 @@ class Runtime:
                  self.storage.describe())
 
     def series_event(self, event_type: str | None, body: dict) -> None:
-        """A DicomSeries event (None: listed): schedule the series' next look, if it needs one.
-        A change, or a series still receiving, is fresh work; a listed one that was dispatched
-        or finished is background work."""
+        """A DicomSeries event (None: listed): schedule the series' next look, if it needs one,
+        and keep the version for that look. A series still receiving goes first (its next step
+        is its dispatch); a change is fresh work; a listed one that was dispatched or finished
+        is background work."""
         name = body["metadata"]["name"]
         watched_while_listing = self._watched_while_listing
         if watched_while_listing is not None and event_type is not None:
@@ -150,10 +156,16 @@ class Runtime:
         self._observe(event_type, body)
         if event_type == "DELETED":
             self.scheduler.forget(name)
+            self.driver.latest.drop(name)
             return
         delay = self.driver.triage(body)
-        if delay is not None:
-            self.scheduler.poke(name, delay, background=event_type is None and not is_receiving(body))
+        if delay is None:
+            self.driver.latest.drop(name)
+            return
+        if event_type is not None:
+            self.driver.latest.put(body)
+        work = Work.RECEIVING if is_receiving(body) else Work.FRESH if event_type is not None else Work.BACKGROUND
+        self.scheduler.poke(name, delay, work)
 
     def _observe(self, event_type: str | None, body: dict) -> None:
         for observer in self.series_observers:

@@ -6,10 +6,14 @@ own answers ("look again in 3.2 s") feed this scheduler, and one worker thread t
 Steps are taken only while the gate is open (isdr_operator.peering: this is the one active
 operator); while it is closed, pokes are queued and wait.
 
-Two classes of work: fresh work (a watch event that changed a series, and the steps that follow
-from it) and the background (the re-examination of every series the operator finds when it
-starts or resumes). A due fresh look always goes first: a series that completes while thousands
-of old ones are looked at again is dispatched without waiting behind them.
+Three classes of work, each due look of a class going before every due look of the next:
+- RECEIVING: a series still receiving, or just complete. Its next step is its dispatch, and a
+  sender's series waits for it; nothing else the operator does is as urgent.
+- FRESH: a watch event that changed a series (a Job's progress, a late instance, an
+  administrator's request), and the steps that follow from it.
+- BACKGROUND: the re-examination of every series the operator finds when it starts or resumes.
+A series that completes while thousands of old ones are looked at again, or while fifty Jobs
+finish, is dispatched without waiting behind them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import heapq
 import logging
 import threading
 import time
+from enum import IntEnum
 from typing import Callable
 
 log = logging.getLogger("isdr_operator.scheduler")
@@ -27,6 +32,14 @@ class SchedulerStuck(RuntimeError):
     pass
 
 
+class Work(IntEnum):
+    """The class of a look; a lower one goes first."""
+
+    RECEIVING = 0
+    FRESH = 1
+    BACKGROUND = 2
+
+
 class Scheduler:
     def __init__(self, step: Callable[[str], float | None], clock=time.monotonic,
                  retry_after_error: float = 5.0, gate=None):
@@ -34,25 +47,25 @@ class Scheduler:
         self._gate = gate  # anything with wait_open(timeout) -> bool; None: always open
         self._clock = clock
         self._retry_after_error = retry_after_error
-        # One heap per class (False: fresh, True: background) of (time, name); an entry counts
-        # only while it is what _due says for the name (else it was superseded or forgotten).
-        self._heaps: dict[bool, list[tuple[float, str]]] = {False: [], True: []}
-        self._due: dict[str, tuple[float, bool]] = {}  # name -> (earliest time wanted, background)
+        # One heap per class of (time, name); an entry counts only while it is what _due says for
+        # the name (else it was superseded or forgotten).
+        self._heaps: dict[Work, list[tuple[float, str]]] = {work: [] for work in Work}
+        self._due: dict[str, tuple[float, Work]] = {}  # name -> (earliest time wanted, class)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._step_started: float | None = None  # clock() when the running step began
 
-    def poke(self, name: str, delay: float = 0.0, background: bool = False) -> None:
-        """Look at `name` after `delay` seconds (or sooner if it is already due sooner). A fresh
-        poke of a series waiting in the background makes it fresh."""
+    def poke(self, name: str, delay: float = 0.0, work: Work = Work.FRESH) -> None:
+        """Look at `name` after `delay` seconds (or sooner if it is already due sooner), in the
+        more urgent of `work` and the class it waits in already."""
         at = self._clock() + max(0.0, delay)
         with self._cond:
-            wanted = (at, background)
+            wanted = (at, work)
             if name in self._due:
-                due_at, due_background = self._due[name]
-                wanted = (min(at, due_at), background and due_background)
-                if wanted == (due_at, due_background):
+                due_at, due_work = self._due[name]
+                wanted = (min(at, due_at), min(work, due_work))
+                if wanted == (due_at, due_work):
                     return
             self._due[name] = wanted
             heapq.heappush(self._heaps[wanted[1]], (wanted[0], name))
@@ -62,21 +75,19 @@ class Scheduler:
         with self._cond:
             self._due.pop(name, None)
 
-    def _head(self, background: bool) -> tuple[float, str] | None:
-        heap = self._heaps[background]
-        while heap and self._due.get(heap[0][1]) != (heap[0][0], background):
-            heapq.heappop(heap)  # superseded by an earlier or fresher poke, or forgotten
+    def _head(self, work: Work) -> tuple[float, str] | None:
+        heap = self._heaps[work]
+        while heap and self._due.get(heap[0][1]) != (heap[0][0], work):
+            heapq.heappop(heap)  # superseded by an earlier or more urgent poke, or forgotten
         return heap[0] if heap else None
 
-    def _next(self) -> tuple[str, bool] | None:
-        """The next name to step, and whether it is background work (None: stopped)."""
+    def _next(self) -> tuple[str, Work] | None:
+        """The next name to step, and its class (None: stopped)."""
         with self._cond:
             while not self._stopped:
                 now = self._clock()
-                heads = {background: head for background in (False, True)
-                         if (head := self._head(background)) is not None}
-                due = next((background for background in (False, True)
-                            if background in heads and heads[background][0] <= now), None)
+                heads = {work: head for work in Work if (head := self._head(work)) is not None}
+                due = next((work for work in Work if work in heads and heads[work][0] <= now), None)
                 if due is None:
                     if not heads:
                         self._cond.wait()
@@ -93,9 +104,9 @@ class Scheduler:
         and the benchmark)."""
         with self._cond:
             now = self._clock()
-            counts = {"fresh": 0, "background": 0, "later": 0}
-            for at, background in self._due.values():
-                counts["later" if at > now else "background" if background else "fresh"] += 1
+            counts = {work.name.lower(): 0 for work in Work} | {"later": 0}
+            for at, work in self._due.values():
+                counts["later" if at > now else work.name.lower()] += 1
             return counts
 
     def _wait_for_gate(self) -> bool:
@@ -107,19 +118,24 @@ class Scheduler:
 
     def run(self) -> None:
         while (taken := self._next()) is not None:
-            name, background = taken
             if not self._wait_for_gate():
                 return
-            self._step_started = self._clock()
-            try:
-                again = self._step(name)
-            except Exception:  # one broken series must not stop the others
-                log.exception("step for %s failed; retrying in %.0fs", name, self._retry_after_error)
-                again = self._retry_after_error
-            finally:
-                self._step_started = None
-            if again is not None:
-                self.poke(name, again, background=background)
+            self.take_step(*taken)
+
+    def take_step(self, name: str, work: Work) -> None:
+        """Step `name` now, and schedule the next look it asks for."""
+        self._step_started = self._clock()
+        try:
+            again = self._step(name)
+        except Exception:  # one broken series must not stop the others
+            log.exception("step for %s failed; retrying in %.0fs", name, self._retry_after_error)
+            again = self._retry_after_error
+        finally:
+            self._step_started = None
+        if again is not None:
+            # What follows a dispatch is no longer the sender's business (a series that
+            # receives more comes back as RECEIVING with the receiver's next status write).
+            self.poke(name, again, max(work, Work.FRESH))
 
     def health(self, stuck_after: float) -> dict:
         """For the liveness probe: raises SchedulerStuck if no step can run any more."""

@@ -33,6 +33,7 @@ from relay.state_store import DispatchStore, StudyStore
 from relay.storage.base import Storage
 
 from isdr_operator.fingerprints import FingerprintSet
+from isdr_operator.notices import Notices
 
 log = logging.getLogger("isdr_operator.studies")
 
@@ -40,8 +41,10 @@ SOON = 0.05  # a decision was carried out (or lost a race): look again at once
 
 
 class StudyDriver:
-    def __init__(self, api: KubeApi, storage: Storage, fingerprints: FingerprintSet, clock=time.time):
+    def __init__(self, api: KubeApi, storage: Storage, fingerprints: FingerprintSet, clock=time.time,
+                 notices: Notices | None = None):
         self.api = api
+        self.notices = notices or Notices(api, clock)
         self.dispatches = DispatchStore(storage)
         self.records = StudyStore(storage)
         self.fingerprints = fingerprints
@@ -91,4 +94,4 @@ class StudyDriver:
                 body = self.api.patch_series_status(meta["name"], status, meta["resourceVersion"])
             except (Conflict, NotFound):
                 continue  # changed meanwhile: the study is looked at again (and the share joins)
-            self.api.event(body, reason, f"{fingerprint}: {note}", warning=warning)
+            self.notices.event(body, reason, f"{fingerprint}: {note}", warning=warning)

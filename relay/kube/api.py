@@ -358,11 +358,12 @@ class KubeApi:
 
     # --- Events ---
 
-    def event(self, body: dict, reason: str, message: str, warning: bool = False) -> None:
-        """Post an Event on `body`; failures are logged, never raised (events are best effort)."""
+    def event(self, body: dict, reason: str, message: str, warning: bool = False, now: float | None = None) -> None:
+        """Post an Event on `body` (stamped `now`, default: now); failures are logged, never
+        raised (events are best effort)."""
         try:
             self._call(self.core.create_namespaced_event, self.namespace,
                        event(body, self.namespace, reason, message, warning=warning, component=self.component,
-                             host=self.host, now=time.time()))
+                             host=self.host, now=time.time() if now is None else now))
         except Exception as exc:  # noqa: BLE001 - an event is never worth failing a step for
             log.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], exc)

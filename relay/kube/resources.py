@@ -591,9 +591,9 @@ def fingerprint_readiness(body: dict) -> tuple[bool | None, str]:
     return None, ""
 
 
-def counter_status(body: dict, counter: str, now: float) -> dict:
-    """One more on a Fingerprint's counter (matchedSeries also notes lastMatchTime)."""
-    patch = {counter: int(_status(body).get(counter) or 0) + 1}
+def counter_status(body: dict, counter: str, now: float, added: int = 1) -> dict:
+    """`added` more on a Fingerprint's counter (matchedSeries also notes lastMatchTime)."""
+    patch = {counter: int(_status(body).get(counter) or 0) + added}
     if counter == MATCHED_SERIES:
         patch["lastMatchTime"] = to_rfc3339(now)
     return patch

@@ -57,7 +57,7 @@ def test_a_failed_series_is_retried_by_annotation_once_per_value(kube_cluster, r
     assert len(pacs.wait_for_files(1)) == 1
     series = r.wait_series_phase(key, "Succeeded")
     assert [t["phase"] for t in series["status"]["tasks"]] == ["Failed", "Succeeded"]
-    assert {e.reason for e in r.events(resource_name(key))} >= {"Retried", "TaskSucceeded"}
+    r.reasons(resource_name(key), {"Retried", "TaskSucceeded"})
 
     annotate(kube_cluster, r, key, "isdr.io/retry=2")
 
@@ -91,7 +91,7 @@ def test_a_running_task_is_cancelled_by_annotation_its_job_and_remote_task_delet
         assert task["message"] == f"cancelled by an administrator; remote task {remote['uid']} deleted"
         wait_until(lambda: not r.jobs(key), 60, "the Job to be deleted")
         assert emulator.stats()["deletes"] == 1 and emulator.stats()["submits"] == 1
-        assert "Cancelled" in {e.reason for e in r.events(resource_name(key))}
+        r.reasons(resource_name(key), "Cancelled")
     finally:
         emulator.stop()
 
@@ -133,7 +133,8 @@ def test_an_unmatched_series_is_kept_and_matched_again_once_its_fingerprint_is_a
     r = relay(UNMATCHED_RETENTION="600")
     key = series_sent_to(r, fingerprint_manifest("mr-only", emulator, pacs, modality="^MR$"), tmp_path, 2,
                          "Unmatched")
-    assert len(r.stored()) == 2 and "Unmatched" in {e.reason for e in r.events(resource_name(key))}
+    assert len(r.stored()) == 2
+    r.reasons(resource_name(key), "Unmatched")
 
     r.apply(fingerprint_manifest("ct", emulator, pacs))  # the fingerprint that was missing
     wait_until(lambda: r.fingerprint("ct").get("status"), 30, "the new fingerprint to be seen")

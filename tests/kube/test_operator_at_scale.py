@@ -11,6 +11,7 @@ import pytest
 
 from isdr_operator.jobs import build_job
 from isdr_operator.runtime import Runtime
+from isdr_operator.scheduler import Work
 from isdr_operator.settings import load_operator_settings
 from relay.kube.api import KubeApi
 from relay.kube.resources import GROUP, VERSION, resource_name, to_rfc3339
@@ -86,11 +87,11 @@ def test_finished_series_found_at_start_up_cost_no_call_beyond_the_listing(resta
     runtime, api, dispatched = restarted
     # Only the dispatched series waits for a look, in the background; the finished ones wait for
     # SERIES_RETENTION (a day here), when they are to be forgotten.
-    assert runtime.scheduler.pending() == {"fresh": 0, "background": 1, "later": FINISHED}
+    assert runtime.scheduler.pending() == {"receiving": 0, "fresh": 0, "background": 1, "later": FINISHED}
     # kopf's own listing when its watch starts brings every object once more: still nothing.
     for body in api.series_listing():
         runtime.series_event(None, body)
-    assert runtime.scheduler.pending() == {"fresh": 0, "background": 1, "later": FINISHED}
+    assert runtime.scheduler.pending() == {"receiving": 0, "fresh": 0, "background": 1, "later": FINISHED}
     assert not [call for call in api.calls if call[1] == "dicomseries" and not call[0].startswith("list_")]
     # The one write: the new Fingerprint's Ready condition.
     assert api.writes() == [("patch_namespaced_custom_object_status", "fingerprints")]
@@ -98,8 +99,8 @@ def test_finished_series_found_at_start_up_cost_no_call_beyond_the_listing(resta
 
 def test_a_job_seen_already_is_not_created_again(restarted):
     runtime, api, dispatched = restarted
-    name, background = runtime.scheduler._next()
-    assert (name, background) == (dispatched, True)
+    name, work = runtime.scheduler._next()
+    assert (name, work) == (dispatched, Work.BACKGROUND)
     api.calls.clear()
     runtime.driver.step(name)
     runtime.driver.step(name)
@@ -120,8 +121,8 @@ def test_a_series_that_changes_is_looked_at_before_the_start_up_backlog(restarte
     changed = next(body for body in api.series_listing() if body["metadata"]["name"] != dispatched)
     changed["status"]["lastReceived"] = to_rfc3339(time.time())  # a late instance, as the receiver says
     runtime.series_event("MODIFIED", changed)
-    assert runtime.scheduler.pending() == {"fresh": 1, "background": 1, "later": FINISHED - 1}
-    assert runtime.scheduler._next() == (changed["metadata"]["name"], False)
+    assert runtime.scheduler.pending() == {"receiving": 0, "fresh": 1, "background": 1, "later": FINISHED - 1}
+    assert runtime.scheduler._next() == (changed["metadata"]["name"], Work.FRESH)
 
 
 def test_the_series_watch_lists_once_then_hands_over_every_change_and_deletion(kube_cluster, kube_namespace):

@@ -112,6 +112,13 @@ class Relay:
         return [e for e in self.cluster.core.list_namespaced_event(self.namespace).items
                 if e.involved_object.name == name]
 
+    def reasons(self, name: str, expected: set[str] | str, timeout: float = 30.0) -> set[str]:
+        """The reasons of the Events about `name`, once they include `expected` (the operator
+        posts its Events on the side, after the step that says them)."""
+        expected = {expected} if isinstance(expected, str) else expected
+        return wait_until(lambda: (found := {e.reason for e in self.events(name)}) >= expected and found,
+                          timeout, f"Events {sorted(expected)} about {name}")
+
     def wait_series_phase(self, key: SeriesKey, phases, timeout=120.0) -> dict:
         phases = (phases,) if isinstance(phases, str) else phases
         return wait_until(lambda: (s := self.series(key)) and (s.get("status") or {}).get("phase") in phases and s,
@@ -216,10 +223,9 @@ def test_fingerprint_to_predictions_through_one_job(kube_cluster, relay, peers, 
     fingerprint_status = wait_until(lambda: (s := r.fingerprint("ct-organs")["status"]).get("succeededTasks") and s,
                                     30, "the fingerprint's counters")
     assert (fingerprint_status["matchedSeries"], fingerprint_status["succeededTasks"]) == (1, 1)
-    reasons = {e.reason for e in r.events(resource_name(key))}
-    assert reasons >= {"Dispatched", "TaskSucceeded", "Succeeded"}
+    reasons = r.reasons(resource_name(key), {"Dispatched", "TaskSucceeded", "Succeeded"})
     assert "PossibleDuplicateSubmit" not in reasons  # one submit, answered: nothing to flag
-    assert "Matched" in {e.reason for e in r.events("ct-organs")}
+    r.reasons("ct-organs", "Matched")
 
     pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
     story = kube_cluster.pod_log(r.namespace, pod)
@@ -332,7 +338,7 @@ def test_failing_model_fails_the_job_and_reports_the_reason(kube_cluster, relay,
     series = r.wait_series_phase(key, "Failed")
     message = series["status"]["tasks"][0]["message"]
     assert "crashed" in message or "552" in message, message
-    assert "TaskFailed" in {e.reason for e in r.events(resource_name(key))}
+    r.reasons(resource_name(key), "TaskFailed")
     wait_until(lambda: r.fingerprint("broken")["status"].get("failedTasks") == 1, 30, "failedTasks")
     # A failure for good is not retried: one pod, one submit.
     assert len(kube_cluster.job_pods(r.namespace, job.metadata.name)) == 1
@@ -501,7 +507,7 @@ def test_a_new_instance_after_the_dispatch_runs_the_series_again_with_all_its_in
                         and s["status"].get("generation") == 2 and s, 120, "the second generation to finish")
     assert [t["generation"] for t in series["status"]["tasks"]] == [1, 2]
     assert len(r.jobs(key)) == 2 and series["status"]["progress"] == "1/1"
-    assert "LateInstances" in {e.reason for e in r.events(resource_name(key))}
+    r.reasons(resource_name(key), "LateInstances")
     wait_until(lambda: only_state(r.stored()), 30, "every instance deleted once both runs finished")
     assert len(pacs.wait_for_files(2)) == 2
 
@@ -535,7 +541,7 @@ def test_with_the_ignore_policy_a_late_instance_is_kept_unrun_until_the_retentio
     series = wait_until(lambda: (s := r.series(key)) and s["status"].get("lateInstances") and s, 30,
                         "the late instance to be noticed")
     assert series["status"]["phase"] == "Succeeded"
-    assert "LateInstances" in {e.reason for e in r.events(resource_name(key))}
+    r.reasons(resource_name(key), "LateInstances")
     assert len([p for p in r.stored() if p.suffix == ".dcm" and "series" in p.parts]) == 1  # kept, unrun
     wait_until(lambda: r.series(key) is None, 60, "the series forgotten after SERIES_RETENTION")
     assert only_state(r.stored()) and "never run" in r.operator_log()
@@ -601,6 +607,6 @@ def test_a_job_pod_killed_while_its_submit_is_in_flight_submits_once_more_and_sa
     second = next(p["metadata"]["name"] for p in kube_cluster.job_pods(r.namespace, job.metadata.name)
                   if p["metadata"]["name"] != first_pod)
     assert "WARNING possible duplicate" in kube_cluster.pod_log(r.namespace, second)
-    assert "PossibleDuplicateSubmit" in {e.reason for e in r.events(resource_name(key))}
+    r.reasons(resource_name(key), "PossibleDuplicateSubmit")
     # The pod's count is never scraped: the operator counts the repeat it learnt of.
     assert scrape(r.operator_metrics)[1][("isdr_possible_duplicate_submits_total", ())] == 1

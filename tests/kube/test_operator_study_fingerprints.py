@@ -72,7 +72,7 @@ def test_two_series_of_one_study_over_separate_associations_run_as_one_job(kube_
         assert (done["taskId"], done["job"], done["entry"], done["phase"]) == (
             job.metadata.name, job.metadata.name, entry, "Succeeded")
         assert series["metadata"]["labels"][LABEL_STUDY] == study_label(study)
-    assert "StudyStarted" in {e.reason for e in r.events(resource_name(key_of(adc)))}
+    r.reasons(resource_name(key_of(adc)), "StudyStarted")
     pod = kube_cluster.job_pods(r.namespace, job.metadata.name)[0]["metadata"]["name"]
     story = kube_cluster.pod_log(r.namespace, pod)
     assert "submitted 5 instances of study task with t2" in story, story
@@ -94,7 +94,7 @@ def test_a_missing_series_fails_the_study_after_its_timeout(relay, peers, tmp_pa
     (task,) = series["status"]["tasks"]
     assert task["phase"] == "Failed" and "no series for adc (onTimeout: fail)" in task["message"]
     assert emulator.stats()["submits"] == 0
-    assert "StudyFailed" in {e.reason for e in r.events(resource_name(key_of(t2)))}
+    r.reasons(resource_name(key_of(t2)), "StudyFailed")
 
 
 def test_the_api_server_refuses_duplicate_entry_names_and_a_study_without_its_level(relay, peers):

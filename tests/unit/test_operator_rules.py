@@ -9,7 +9,7 @@ import pytest
 
 from isdr_operator.fingerprints import evaluate
 from isdr_operator.jobs import build_job
-from isdr_operator.scheduler import Scheduler, SchedulerStuck
+from isdr_operator.scheduler import Scheduler, SchedulerStuck, Work
 from isdr_operator.settings import JobSettings, load_operator_settings
 from relay.kube.job_contract import FINGERPRINT_CA_ENV, FINGERPRINT_ENV, JobExit
 from relay.kube.resources import condition, job_outcome, same_conditions, set_condition, to_rfc3339
@@ -242,43 +242,69 @@ def due_order(scheduler: Scheduler, count: int) -> list[str]:
     return [scheduler._next()[0] for _ in range(count)]
 
 
+def pending(receiving=0, fresh=0, background=0, later=0) -> dict[str, int]:
+    return {"receiving": receiving, "fresh": fresh, "background": background, "later": later}
+
+
 def test_fresh_work_goes_before_a_backlog_of_old_series():
     clock = Clock()
     scheduler = Scheduler(lambda name: None, clock=clock)
     for index in range(100):
-        scheduler.poke(f"old-{index}", background=True)
+        scheduler.poke(f"old-{index}", work=Work.BACKGROUND)
     clock.now += 1
     scheduler.poke("new")  # wanted later than every old one, yet looked at first
-    assert scheduler.pending() == {"fresh": 1, "background": 100, "later": 0}
+    assert scheduler.pending() == pending(fresh=1, background=100)
     assert due_order(scheduler, 3) == ["new", "old-0", "old-1"]
 
 
-def test_a_fresh_poke_of_a_series_waiting_in_the_background_makes_it_fresh():
+def test_a_series_still_receiving_goes_before_the_progress_of_running_tasks():
+    # Fifty Jobs finishing make fifty series fresh work; the series a sender has just completed
+    # waits for its dispatch behind none of them.
     clock = Clock()
     scheduler = Scheduler(lambda name: None, clock=clock)
-    scheduler.poke("a", background=True)
-    scheduler.poke("b", background=True)
+    for index in range(50):
+        scheduler.poke(f"running-{index}")
+    scheduler.poke("old", work=Work.BACKGROUND)
+    clock.now += 2
+    scheduler.poke("complete", work=Work.RECEIVING)
+    assert scheduler.pending() == pending(receiving=1, fresh=50, background=1)
+    assert due_order(scheduler, 2) == ["complete", "running-0"]
+
+
+def test_a_more_urgent_poke_of_a_waiting_series_moves_it_up():
+    clock = Clock()
+    scheduler = Scheduler(lambda name: None, clock=clock)
+    scheduler.poke("a", work=Work.BACKGROUND)
+    scheduler.poke("b", work=Work.BACKGROUND)
     scheduler.poke("b", 5.0)  # fresh, though wanted later: it keeps the earlier time
-    assert scheduler.pending() == {"fresh": 1, "background": 1, "later": 0}
-    assert due_order(scheduler, 2) == ["b", "a"]
+    assert scheduler.pending() == pending(fresh=1, background=1)
+    scheduler.poke("a", 5.0, work=Work.RECEIVING)
+    scheduler.poke("a", work=Work.FRESH)  # less urgent than where it waits: it stays there
+    assert scheduler.pending() == pending(receiving=1, fresh=1)
+    assert due_order(scheduler, 2) == ["a", "b"]
 
 
 def test_background_work_that_is_not_due_yet_does_not_hold_back_fresh_work():
     clock = Clock()
     scheduler = Scheduler(lambda name: None, clock=clock)
-    scheduler.poke("forget-later", 3600.0, background=True)
-    scheduler.poke("dispatch-soon", 2.0)
+    scheduler.poke("forget-later", 3600.0, work=Work.BACKGROUND)
+    scheduler.poke("dispatch-soon", 2.0, work=Work.RECEIVING)
     clock.now += 2
     assert due_order(scheduler, 1) == ["dispatch-soon"]
-    assert scheduler.pending() == {"fresh": 0, "background": 0, "later": 1}
+    assert scheduler.pending() == pending(later=1)
 
 
-def test_what_a_background_step_asks_for_stays_in_the_background():
+def look_again_after(work: Work) -> dict[str, int]:
+    """The class of a series' next look, after a step of class `work` asked for one."""
     clock = Clock()
-    looks = []
-    scheduler = Scheduler(lambda name: looks.append(name) or (None if len(looks) > 1 else 0.0), clock=clock)
-    scheduler.poke("old", background=True)
-    name, background = scheduler._next()
-    again = scheduler._step(name)
-    scheduler.poke(name, again, background=background)
-    assert scheduler.pending() == {"fresh": 0, "background": 1, "later": 0}
+    scheduler = Scheduler(lambda name: 0.0, clock=clock)
+    scheduler.poke("s", work=work)
+    scheduler.take_step(*scheduler._next())
+    return scheduler.pending()
+
+
+def test_what_a_step_asks_for_stays_in_its_class_but_a_dispatch_is_followed_as_fresh_work():
+    assert look_again_after(Work.BACKGROUND) == pending(background=1)
+    assert look_again_after(Work.FRESH) == pending(fresh=1)
+    # After its dispatch a series no longer waits before others: its Job's progress is fresh work.
+    assert look_again_after(Work.RECEIVING) == pending(fresh=1)
