@@ -73,6 +73,7 @@ from tests.support.pod_network import (
     selects,
     service_address as _service_address,
 )
+from tests.support.pod_cgroups import PodCgroups, join, pod_cpu_request
 from tests.support.probes import ContainerProber
 from tests.support.kube import (
     K8S_VERSION,
@@ -333,6 +334,8 @@ class PodRunner(threading.Thread):
         self.hostname = (self.spec.get("hostname") or self.name)[:63]
         self.probe_changed = threading.Event()
         self._events: dict[tuple[str, str, str], tuple[str, int]] = {}
+        # Its CPU weight among the pods, by its CPU request, as the kubelet's cgroup (pod_cgroups.py).
+        self.cgroup = agent.cgroups.pod(self.uid, pod_cpu_request(self.spec))
         self.update(pod)
 
     @property
@@ -699,7 +702,13 @@ class PodRunner(threading.Thread):
                  " ".join(argv)[:300])
 
     def _preexec(self):
-        return sandbox_preexec(self.hosts_file if self.agent.isolation else None, self.hostname)
+        sandbox = sandbox_preexec(self.hosts_file if self.agent.isolation else None, self.hostname)
+        group = self.cgroup
+
+        def preexec() -> None:
+            join(group)
+            sandbox()
+        return preexec
 
     def _prober(self, run: ContainerRun, env: dict[str, str], cwd) -> ContainerProber:
         def run_exec(command: list[str], timeout: float) -> tuple[int, str]:
@@ -856,6 +865,7 @@ class PodRunner(threading.Thread):
             self._stop_processes(self.inits + self.mains, 0)
         finally:
             self.agent.hosts_files.remove(self.hosts_file)
+            self.agent.cgroups.remove(self.uid)
             self.agent.runner_finished(self)
 
     def _run(self) -> None:
@@ -1007,6 +1017,8 @@ class NodeAgent:
         self.heartbeat = heartbeat
         self.console_scripts = console_scripts(self.cwd)
         self.memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        # The pods' share of the CPU: the node's allocatable CPU, split by the pods' requests.
+        self.cgroups = PodCgroups(f"isdr-kubepods-{os.getpid()}", (os.cpu_count() or 1) * 1000)
         self.rest = KubeREST(self.kubeconfig)
         self.watch_rest = KubeREST(self.kubeconfig)  # its own connection for the long-running watch
         self.stopping = threading.Event()
@@ -1205,6 +1217,7 @@ class NodeAgent:
         self.services.stop()
         if self.log_server is not None:
             self.log_server.stop()
+        self.cgroups.close()
 
     # --- kubelet's log endpoint ------------------------------------------------------------
     def _log_runs(self, namespace: str, pod: str, container: str) -> list[Path]:
