@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from dataclasses import replace
 
@@ -120,6 +121,7 @@ class SeriesDriver:
         # Events and the Fingerprints' counters, written on the side (a step does not wait for them).
         self.notices = notices or Notices(api, clock)
         self.studies = StudyDriver(api, storage, fingerprints, clock, self.notices)
+        self._studies_lock = threading.Lock()
         # The newest version of each series that waits for a step, as the watch brought it.
         self.latest = LatestSeries()
         # Jobs known to exist (created here, or seen by the Job watch or a listing): never
@@ -190,7 +192,8 @@ class SeriesDriver:
             return self._request(body, state, *request, now)
         study_wait = None
         if state.attributes.study_uid and any(task.phase == TaskPhase.WAITING for task in state.tasks):
-            study_wait = self.studies.step(state.attributes.study_uid)
+            with self._studies_lock:  # one study decision at a time (the scheduler has several workers)
+                study_wait = self.studies.step(state.attributes.study_uid)
             if study_wait is not None and study_wait <= SOON:
                 return study_wait  # the study's series changed: this one too, maybe
         if state.phase == SeriesPhase.DISPATCHED:

@@ -1,8 +1,12 @@
-"""When each DicomSeries needs its next look: one thread, one heap, no per-object timers.
+"""When each DicomSeries needs its next look: a few worker threads, one heap per class of work, no
+per-object timers.
 
 kopf's daemons and timers put a finalizer on every object they run for, which would block the
 deletion of a DicomSeries whenever the operator is down. Instead, watch events and the driver's
-own answers ("look again in 3.2 s") feed this scheduler, and one worker thread takes the steps.
+own answers ("look again in 3.2 s") feed this scheduler, and its workers take the steps, never two
+at once for one series (a poke while its step runs waits for the step to end). A step is mostly
+waiting for the API server: with several workers, fifty series that complete together are
+dispatched side by side, not one API round trip after another.
 Steps are taken only while the gate is open (isdr_operator.peering: this is the one active
 operator); while it is closed, pokes are queued and wait.
 
@@ -40,9 +44,12 @@ class Work(IntEnum):
     BACKGROUND = 2
 
 
+WORKERS = 4
+
+
 class Scheduler:
     def __init__(self, step: Callable[[str], float | None], clock=time.monotonic,
-                 retry_after_error: float = 5.0, gate=None):
+                 retry_after_error: float = 5.0, gate=None, workers: int = WORKERS):
         self._step = step
         self._gate = gate  # anything with wait_open(timeout) -> bool; None: always open
         self._clock = clock
@@ -53,14 +60,20 @@ class Scheduler:
         self._due: dict[str, tuple[float, Work]] = {}  # name -> (earliest time wanted, class)
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread: threading.Thread | None = None
-        self._step_started: float | None = None  # clock() when the running step began
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
+        self._running: dict[str, float] = {}  # series stepped now -> clock() when its step began
+        self._deferred: dict[str, tuple[float, Work]] = {}  # poked while its step runs
 
     def poke(self, name: str, delay: float = 0.0, work: Work = Work.FRESH) -> None:
         """Look at `name` after `delay` seconds (or sooner if it is already due sooner), in the
         more urgent of `work` and the class it waits in already."""
         at = self._clock() + max(0.0, delay)
         with self._cond:
+            if name in self._running:
+                due = self._deferred.get(name)
+                self._deferred[name] = (at, work) if due is None else (min(at, due[0]), min(work, due[1]))
+                return
             wanted = (at, work)
             if name in self._due:
                 due_at, due_work = self._due[name]
@@ -74,6 +87,7 @@ class Scheduler:
     def forget(self, name: str) -> None:
         with self._cond:
             self._due.pop(name, None)
+            self._deferred.pop(name, None)
 
     def _head(self, work: Work) -> tuple[float, str] | None:
         heap = self._heaps[work]
@@ -96,6 +110,7 @@ class Scheduler:
                     continue
                 _, name = heapq.heappop(self._heaps[due])
                 del self._due[name]
+                self._running[name] = self._clock()
                 return name, due
             return None
 
@@ -105,7 +120,7 @@ class Scheduler:
         with self._cond:
             now = self._clock()
             counts = {work.name.lower(): 0 for work in Work} | {"later": 0}
-            for at, work in self._due.values():
+            for at, work in [*self._due.values(), *self._deferred.values()]:
                 counts["later" if at > now else work.name.lower()] += 1
             return counts
 
@@ -123,15 +138,18 @@ class Scheduler:
             self.take_step(*taken)
 
     def take_step(self, name: str, work: Work) -> None:
-        """Step `name` now, and schedule the next look it asks for."""
-        self._step_started = self._clock()
+        """Step `name` now (taken by _next), and schedule the next look it asks for."""
         try:
             again = self._step(name)
         except Exception:  # one broken series must not stop the others
             log.exception("step for %s failed; retrying in %.0fs", name, self._retry_after_error)
             again = self._retry_after_error
         finally:
-            self._step_started = None
+            with self._cond:
+                self._running.pop(name, None)
+                deferred = self._deferred.pop(name, None)
+        if deferred is not None:
+            self.poke(name, max(0.0, deferred[0] - self._clock()), deferred[1])
         if again is not None:
             # What follows a dispatch is no longer the sender's business (a series that
             # receives more comes back as RECEIVING with the receiver's next status write).
@@ -139,23 +157,26 @@ class Scheduler:
 
     def health(self, stuck_after: float) -> dict:
         """For the liveness probe: raises SchedulerStuck if no step can run any more."""
-        if self._thread is None or not self._thread.is_alive():
-            raise SchedulerStuck("the series scheduler thread is not running")
-        started = self._step_started
-        running_for = 0.0 if started is None else self._clock() - started
+        if not self._threads or not all(thread.is_alive() for thread in self._threads):
+            raise SchedulerStuck("a series scheduler thread is not running")
+        with self._cond:
+            now = self._clock()
+            running_for = max((now - started for started in self._running.values()), default=0.0)
+            scheduled = len(self._due) + len(self._deferred)
         if running_for > stuck_after:
             raise SchedulerStuck(f"one series step has been running for {running_for:.0f}s")
-        with self._cond:
-            return {"scheduled": len(self._due), "step_running_for": round(running_for, 1),
-                    "active": self._gate is None or self._gate.wait_open(0)}
+        return {"scheduled": scheduled, "step_running_for": round(running_for, 1),
+                "active": self._gate is None or self._gate.wait_open(0)}
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="series-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self.run, name=f"series-scheduler-{number}", daemon=True)
+                         for number in range(1, self._workers + 1)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)

@@ -308,3 +308,40 @@ def test_what_a_step_asks_for_stays_in_its_class_but_a_dispatch_is_followed_as_f
     assert look_again_after(Work.FRESH) == pending(fresh=1)
     # After its dispatch a series no longer waits before others: its Job's progress is fresh work.
     assert look_again_after(Work.RECEIVING) == pending(fresh=1)
+
+
+def test_workers_step_series_side_by_side_but_never_one_series_twice_at_once():
+    release = threading.Event()
+    running: list[str] = []
+    overlaps: list[str] = []
+    lock = threading.Lock()
+
+    def step(name):
+        with lock:
+            if name in running:
+                overlaps.append(name)
+            running.append(name)
+        release.wait(5)  # each step waits for the API server
+        with lock:
+            running.remove(name)
+        return None
+
+    scheduler = Scheduler(step, workers=3)
+    scheduler.start()
+    try:
+        scheduler.poke("a")
+        scheduler.poke("b")
+        wait = time.monotonic() + 3
+        while len(running) < 2 and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert sorted(running) == ["a", "b"]  # side by side
+        scheduler.poke("a")  # while a's step runs: looked at again after it, not beside it
+        time.sleep(0.1)
+        assert sorted(running) == ["a", "b"] and scheduler.pending()["fresh"] == 1
+        release.set()
+        wait = time.monotonic() + 3
+        while (running or scheduler.pending()["fresh"]) and time.monotonic() < wait:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert overlaps == [] and scheduler.pending() == pending()
