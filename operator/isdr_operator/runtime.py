@@ -22,6 +22,10 @@ from isdr_operator.watching import Watch
 log = logging.getLogger("isdr_operator")
 
 FINGERPRINTS_PENDING_RETRY = 0.2  # seconds: a series due before the Fingerprints are read
+# A watched version is kept for a look due within this many seconds (a series receiving, or with
+# tasks under way); the thousands of finished series waiting for SERIES_RETENTION are read again
+# when their time comes, not held in memory until then.
+KEEP_VERSION_FOR = 60.0
 
 
 class Runtime:
@@ -162,8 +166,10 @@ class Runtime:
         if delay is None:
             self.driver.latest.drop(name)
             return
-        if event_type is not None:
+        if event_type is not None and delay <= KEEP_VERSION_FOR:
             self.driver.latest.put(body)
+        else:
+            self.driver.latest.drop(name)
         work = Work.RECEIVING if is_receiving(body) else Work.FRESH if event_type is not None else Work.BACKGROUND
         self.scheduler.poke(name, delay, work)
 

@@ -125,6 +125,18 @@ def test_a_series_that_changes_is_looked_at_before_the_start_up_backlog(restarte
     assert runtime.scheduler._next() == (changed["metadata"]["name"], Work.FRESH)
 
 
+def test_a_step_starts_from_the_watched_version_and_only_series_due_soon_are_held(restarted):
+    runtime, api, dispatched = restarted
+    for body in api.series_listing():
+        runtime.series_event("MODIFIED", body)  # as the watch would bring each of them
+    # The finished series wait for SERIES_RETENTION (a day): not held. The dispatched one, with
+    # its task under way, is looked at within TASK_CHECK_INTERVAL: held, and its step reads nothing.
+    assert len(runtime.driver.latest) == 1 and runtime.driver.latest.get(dispatched)
+    api.calls.clear()
+    runtime.driver.step(dispatched)
+    assert api.calls == []
+
+
 def test_the_series_watch_lists_once_then_hands_over_every_change_and_deletion(kube_cluster, kube_namespace):
     from isdr_operator.watching import Watch
 
