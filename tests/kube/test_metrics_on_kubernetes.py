@@ -9,14 +9,7 @@ from __future__ import annotations
 import pytest
 
 from isdr_devtools.synthetic import write_ct_series
-from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
-    Relay,
-    fingerprint_manifest,
-    key_of,
-    make_peers,
-    peers,
-    relay,
-)
+from tests.kube.relay_harness import Relay, fingerprint_manifest, key_of
 from tests.support.processes import free_port, wait_for_port, wait_until
 from tests.support.prometheus import scrape
 

@@ -8,13 +8,7 @@ import pytest
 
 from isdr_devtools.synthetic import write_ct_series
 from relay.kube.resources import resource_name
-from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
-    fingerprint_manifest,
-    key_of,
-    make_peers,
-    peers,
-    relay,
-)
+from tests.kube.relay_harness import fingerprint_manifest, key_of
 from tests.support.emulator import EmulatorProcess
 from tests.support.fingerprints import manifest
 from tests.support.processes import wait_until

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from isdr_devtools.synthetic import write_ct_series
-from tests.kube.test_operator_end_to_end import REPO_ROOT, fingerprint_manifest, key_of, make_peers, peers, relay  # noqa: F401
+from tests.kube.relay_harness import REPO_ROOT, fingerprint_manifest, key_of
 from tests.support.processes import ManagedProcess, free_port, wait_until
 
 pytestmark = pytest.mark.kube

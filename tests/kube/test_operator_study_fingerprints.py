@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from relay.kube.resources import LABEL_STUDY, resource_name, study_label
-from tests.kube.test_operator_end_to_end import Relay, key_of, make_peers, peers, relay  # noqa: F401 - fixtures
+from tests.kube.relay_harness import Relay, key_of
 from tests.support.processes import wait_until
 from tests.support.studies import mr_series as write_mr_series
 from tests.support.studies import prostate_manifest

@@ -13,14 +13,7 @@ import pytest
 
 from isdr_devtools.synthetic import write_ct_series
 from relay.kube.resources import resource_name
-from tests.kube.test_operator_end_to_end import (  # noqa: F401 - fixtures
-    REPO_ROOT,
-    fingerprint_manifest,
-    key_of,
-    make_peers,
-    peers,
-    relay,
-)
+from tests.kube.relay_harness import REPO_ROOT, fingerprint_manifest, key_of
 from tests.support.dicom_peers import storescu
 from tests.support.processes import ManagedProcess, free_port, wait_for_port, wait_until
 
