@@ -11,6 +11,7 @@ so the header written before the dataset arrived is right, or the instance is re
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from relay.dicom.conformance import encoding_of
@@ -30,6 +31,11 @@ CANNOT_UNDERSTAND = 0xC000  # + a low byte saying which check failed
 UNDECODABLE = CANNOT_UNDERSTAND | 0x210
 INVALID_UID = CANNOT_UNDERSTAND | 0x220
 PROCESSING_FAILURE = 0x0110
+
+# A durable write that takes longer is said in the log: the sender waited that long for its answer
+# (a storage that stalls, e.g. behind a whole file system's write-back, looks like a hung receiver).
+SLOW_COMMIT_SECONDS = 5.0
+_clock = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -110,12 +116,17 @@ class IncomingInstance:
         if self._failure is not None or self._upload is None:
             return self._failure or PROCESSING_FAILURE, None
         key = identity.series.instance_key(identity.sop_instance_uid)
+        started = _clock()
         try:
             # Same SOP Instance UID, same key: a re-sent instance replaces itself, never duplicates.
             self._upload.commit(key)
         except StorageError as exc:
             self._storage_failed(exc)
             return self._failure, None
+        took = _clock() - started
+        if took >= SLOW_COMMIT_SECONDS:
+            log.warning("the storage took %.1fs to make an instance from %s durable (the sender waited for it)",
+                        took, self._peer)
         return SUCCESS, StoredInstance(identity, self.size)
 
     def _storage_failed(self, exc: StorageError) -> None:

@@ -157,3 +157,18 @@ def test_a_dataset_fed_in_small_fragments_is_stored_as_one(setup):
     status, stored = instance.finish()
     assert status == rx.SUCCESS and stored.identity.attributes.modality == "CT"
     assert list(root.rglob("*.dcm"))[0].read_bytes().endswith(raw)
+
+
+def test_a_durable_write_that_stalls_is_said_in_the_log(setup, monkeypatch, caplog):
+    # The sender waits for its answer while the storage makes the instance durable; a storage that
+    # stalls must show in the log, not look like a hung receiver.
+    from relay.dicom import store as store_module
+
+    ds, receiver, _, _ = setup
+    ticks = iter([100.0, 112.5])
+    monkeypatch.setattr(store_module, "_clock", lambda: next(ticks))
+    with caplog.at_level("WARNING", logger="relay.receiver"):
+        assert store(receiver, ds) == rx.SUCCESS
+    (record,) = [r for r in caplog.records if "durable" in r.getMessage()]
+    assert "12.5s" in record.getMessage() and "from CT1" in record.getMessage()
+    assert str(ds.PatientName) not in record.getMessage()
